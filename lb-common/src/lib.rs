@@ -1,0 +1,296 @@
+//! Types and constants shared by the XDP program (`lb-ebpf`) and the daemon
+//! (`lb-userspace`), plus host-only logic (Maglev) behind the `std` feature.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a
+//! compile-time size check, so both sides agree on the layout byte for byte.
+//! Addresses are stored in network byte order exactly as they appear in the
+//! packet: an IPv4 address occupies word 0 and words 1..3 are zero.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod hash;
+#[cfg(feature = "std")]
+pub mod maglev;
+
+/// Map names, shared so the daemon never spells them differently.
+pub mod maps {
+    pub const VIPS: &str = "XLB_VIPS";
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    pub const RINGS: &str = "XLB_RINGS";
+    pub const FLOWS: &str = "XLB_FLOWS";
+    pub const TX_PORTS: &str = "XLB_TX_PORTS";
+    pub const VIP_STATS: &str = "XLB_VIP_STATS";
+    pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
+    pub const REASON_STATS: &str = "XLB_REASON_STATS";
+}
+
+/// Names of the read-only globals the daemon sets at load time.
+pub mod globals {
+    /// `u32`: slots per Maglev ring (a prime).
+    pub const RING_SIZE: &str = "XLB_RING_SIZE";
+    /// `u32`: `XLB_RINGS` entries per ring, `ceil(RING_SIZE / RING_CHUNK_SLOTS)`.
+    pub const RING_CHUNKS: &str = "XLB_RING_CHUNKS";
+}
+
+/// The XDP program names in the object file.
+pub mod programs {
+    pub const LB: &str = "xlb_lb";
+}
+
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// Largest ring the datapath accepts; bounded so `slot / RING_CHUNK_SLOTS`
+/// fits the chunk index arithmetic with room to spare.
+pub const MAX_RING_SIZE: u32 = 1_048_573;
+/// Ring slots per `XLB_RINGS` array entry. A power of two, so the slot index
+/// inside a chunk is a mask the verifier can bound.
+pub const RING_CHUNK_SLOTS: u32 = 1024;
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Backend ids index `XLB_BACKENDS` and `XLB_BACKEND_STATS`.
+pub const MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_000_000;
+/// Egress interfaces reachable through `XLB_TX_PORTS` (XDP_REDIRECT).
+pub const MAX_TX_PORTS: u32 = 64;
+/// Entries of `XLB_REASON_STATS`; larger than the reason list so reasons can
+/// be appended without resizing a pinned map.
+pub const REASON_SLOTS: u32 = 32;
+/// Ring slot value meaning "no backend" (a VIP whose backends all have
+/// weight 0, or none at all).
+pub const EMPTY_SLOT: u32 = u32::MAX;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Ring slots used by one VIP: two rings (double buffer) of `ring_chunks`.
+pub const fn ring_chunk_index(vip_id: u32, ring: u32, ring_chunks: u32, slot: u32) -> u32 {
+    (vip_id * 2 + (ring & 1)) * ring_chunks + slot / RING_CHUNK_SLOTS
+}
+
+pub const fn ring_chunks_for(ring_size: u32) -> u32 {
+    ring_size.div_ceil(RING_CHUNK_SLOTS)
+}
+
+/// `XLB_VIPS` key: which traffic is load balanced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Destination address, network byte order (IPv4 in word 0).
+    pub addr: [u32; 4],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// `VipInfo::flags`: hash new flows on the client address only.
+pub const VIP_F_AFFINITY_CLIENT_IP: u32 = 1;
+
+/// `XLB_VIPS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into `XLB_VIP_STATS` and the ring area of `XLB_RINGS`.
+    pub id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Which of the VIP's two rings the datapath reads (0 or 1). The daemon
+    /// writes the other ring, then flips this in one map update.
+    pub active_ring: u32,
+    pub _pad: u32,
+}
+
+/// `XLB_BACKENDS` value (array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Destination MAC written into forwarded frames.
+    pub dst_mac: [u8; 6],
+    /// Source MAC: the MAC of the egress interface.
+    pub src_mac: [u8; 6],
+    /// Egress interface. Equal to the ingress interface: XDP_TX; otherwise
+    /// XDP_REDIRECT through `XLB_TX_PORTS[tx_port]`.
+    pub ifindex: u32,
+    pub tx_port: u32,
+    /// Non-zero while the slot is in use; a new backend in a reused slot gets
+    /// a new generation, so flow entries of the old one stop matching.
+    pub generation: u32,
+}
+
+/// `XLB_FLOWS` key: the 5-tuple of a client-to-VIP packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address, network byte order (IPv4 in word 0).
+    pub src: [u32; 4],
+    /// VIP address, network byte order (IPv4 in word 0).
+    pub dst: [u32; 4],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `XLB_FLOWS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: u32,
+    /// `Backend::generation` when the flow was scheduled.
+    pub generation: u32,
+}
+
+/// Per-CPU counters of a VIP or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    /// Bytes of the whole frame as received (L2 header included).
+    pub bytes: u64,
+    /// Flow-table misses that scheduled a flow on a backend.
+    pub new_flows: u64,
+    pub _reserved: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+}
+
+/// Ring storage unit: `RING_CHUNK_SLOTS` backend ids.
+pub type RingChunk = [u32; RING_CHUNK_SLOTS as usize];
+
+/// Why a packet was not load balanced. Indexes `XLB_REASON_STATS`.
+///
+/// Stable: append new reasons, never renumber (the numbers are in pinned maps
+/// and dashboards).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    PassNonIp = 0,
+    /// IP, TCP or UDP, but no VIP matches (address, port, protocol).
+    PassNotVip = 1,
+    /// An IPv4 fragment (MF set or offset non-zero), first fragment included.
+    PassIpv4Fragment = 2,
+    /// IPv6 whose next header is an extension header.
+    PassIpv6ExtHeader = 3,
+    /// Neither TCP nor UDP (ICMP, ICMPv6, GRE, ...).
+    PassNotTcpUdp = 4,
+    /// Destined to a VIP with TTL / hop limit <= 1.
+    PassTtlExpired = 5,
+    /// Shorter than the headers it announces.
+    PassTruncated = 6,
+    /// Header fields that cannot be right (IPv4 IHL < 5, version mismatch).
+    PassMalformed = 7,
+    /// VIP matched but its ring has no backend (none, or all weight 0).
+    DropNoBackend = 8,
+    /// The ring points at an unused backend slot (update in flight).
+    DropBackendInvalid = 9,
+    /// XDP_REDIRECT to the backend's egress interface failed.
+    DropRedirectFailed = 10,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::PassNonIp,
+        Reason::PassNotVip,
+        Reason::PassIpv4Fragment,
+        Reason::PassIpv6ExtHeader,
+        Reason::PassNotTcpUdp,
+        Reason::PassTtlExpired,
+        Reason::PassTruncated,
+        Reason::PassMalformed,
+        Reason::DropNoBackend,
+        Reason::DropBackendInvalid,
+        Reason::DropRedirectFailed,
+    ];
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNoBackend | Reason::DropBackendInvalid | Reason::DropRedirectFailed
+        )
+    }
+
+    /// Stable snake_case name, used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNonIp => "pass_non_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassIpv4Fragment => "pass_ipv4_fragment",
+            Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassTtlExpired => "pass_ttl_expired",
+            Reason::PassTruncated => "pass_truncated",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBackendInvalid => "drop_backend_invalid",
+            Reason::DropRedirectFailed => "drop_redirect_failed",
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowValue>() == 8);
+    assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
+    assert!(RING_CHUNK_SLOTS.is_power_of_two());
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and byte
+    // arrays, and have explicit padding fields (no implicit padding bytes).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(feature = "std")]
+mod addr {
+    use std::net::IpAddr;
+
+    use super::{FAMILY_V4, FAMILY_V6};
+
+    /// Address words in network byte order, as the datapath stores them.
+    pub fn addr_words(addr: IpAddr) -> ([u32; 4], u8) {
+        match addr {
+            IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let mut w = [0u32; 4];
+                for (i, word) in w.iter_mut().enumerate() {
+                    *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                }
+                (w, FAMILY_V6)
+            }
+        }
+    }
+
+    impl super::VipKey {
+        pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+            let (addr, family) = addr_words(addr);
+            Self {
+                addr,
+                port_be: port.to_be(),
+                proto,
+                family,
+            }
+        }
+    }
+}
+#[cfg(feature = "std")]
+pub use addr::addr_words;

@@ -1,0 +1,330 @@
+use core::mem;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::{map, xdp},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    hash::{client_hash, flow_hash},
+    ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey, FlowValue, Reason, RingChunk,
+    VipInfo, VipKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT,
+    FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS,
+    RING_CHUNK_SLOTS, VIP_F_AFFINITY_CLIENT_IP,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+// Sizes below are defaults; the daemon sets the real ones at load time.
+#[map]
+static XLB_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+#[map]
+static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static XLB_RINGS: Array<RingChunk> =
+    Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * ring_chunks_for(DEFAULT_RING_SIZE), 0);
+#[map]
+static XLB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+#[map]
+static XLB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
+#[map]
+static XLB_VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+#[map]
+static XLB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static XLB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
+
+// Read-only globals, overridden by the loader (lb_common::globals).
+#[unsafe(no_mangle)]
+static XLB_RING_SIZE: u32 = DEFAULT_RING_SIZE;
+#[unsafe(no_mangle)]
+static XLB_RING_CHUNKS: u32 = ring_chunks_for(DEFAULT_RING_SIZE);
+
+const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+/// IPv4 `frags` field: MF flag and fragment offset.
+const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+
+#[xdp]
+pub fn xlb_lb(ctx: XdpContext) -> u32 {
+    match try_lb(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_reason(reason);
+            if reason.is_drop() {
+                XDP_DROP
+            } else {
+                XDP_PASS
+            }
+        }
+    }
+}
+
+/// The one bounds-checked accessor: every header read goes through here.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return Err(Reason::PassTruncated);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn count_reason(reason: Reason) {
+    if let Some(n) = XLB_REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(stats: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = stats.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += u64::from(new_flow);
+        }
+    }
+}
+
+/// What the L3/L4 parse yields for a TCP or UDP packet.
+struct Parsed {
+    flow: FlowKey,
+    ttl: u8,
+}
+
+#[inline(always)]
+fn words4(b: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(b), 0, 0, 0]
+}
+
+#[inline(always)]
+fn words16(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Reads the ports of a TCP or UDP header at `l4`, requiring the whole fixed
+/// header to be present.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16), Reason> {
+    if proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+        // SAFETY: ptr_at checked the header lies inside the packet.
+        let (s, d) = unsafe { ((*tcp).source, (*tcp).dest) };
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
+        // SAFETY: as above.
+        let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: ptr_at checked the fixed header lies inside the packet.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Reason::PassMalformed);
+    }
+    let ihl = usize::from(ip.vihl & 0x0f);
+    if ihl < 5 {
+        return Err(Reason::PassMalformed);
+    }
+    // Fragments are never load balanced: later fragments carry no ports, and
+    // all fragments of a datagram must take the same path. The kernel gets
+    // them (and reassembles, or drops them: it does not own the VIP).
+    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+        return Err(Reason::PassIpv4Fragment);
+    }
+    let proto = ip.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    // IHL honoured: options are skipped, whatever their length.
+    let (src_port_be, dst_port_be) = ports(ctx, l3 + ihl * 4, proto)?;
+    Ok(Parsed {
+        flow: FlowKey {
+            src: words4(ip.src_addr),
+            dst: words4(ip.dst_addr),
+            src_port_be,
+            dst_port_be,
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        },
+        ttl: ip.ttl,
+    })
+}
+
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    // Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility,
+    // HIP, shim6, and the two experimental numbers.
+    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let proto = ip.next_hdr;
+    // Extension headers are not walked: they are rare on client traffic and
+    // a chain walk costs verifier complexity on every packet.
+    if is_ipv6_extension(proto) {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let (src_port_be, dst_port_be) = ports(ctx, l3 + Ipv6Hdr::LEN, proto)?;
+    Ok(Parsed {
+        flow: FlowKey {
+            src: words16(&ip.src_addr),
+            dst: words16(&ip.dst_addr),
+            src_port_be,
+            dst_port_be,
+            proto,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        },
+        ttl: ip.hop_limit,
+    })
+}
+
+/// The backend an existing flow is pinned to, if that backend still exists.
+#[inline(always)]
+fn tracked_backend(flow: &FlowKey) -> Option<(u32, Backend)> {
+    // SAFETY: the value is copied out at once; a concurrent update of the
+    // entry can only replace it with another valid FlowValue.
+    let tracked = unsafe { XLB_FLOWS.get(flow) }.copied()?;
+    let backend = *XLB_BACKENDS.get(tracked.backend)?;
+    if backend.generation != 0 && backend.generation == tracked.generation {
+        Some((tracked.backend, backend))
+    } else {
+        None
+    }
+}
+
+/// Schedules a new flow on the VIP's active Maglev ring.
+#[inline(always)]
+fn schedule(vip: &VipInfo, flow: &FlowKey) -> Result<(u32, Backend), Reason> {
+    // SAFETY: read-only globals; volatile so the compiler does not fold the
+    // compiled-in defaults over the values the loader wrote.
+    let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
+    let ring_chunks = unsafe { core::ptr::read_volatile(&XLB_RING_CHUNKS) };
+    let hash = if vip.flags & VIP_F_AFFINITY_CLIENT_IP != 0 {
+        client_hash(flow)
+    } else {
+        flow_hash(flow)
+    };
+    if ring_size == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+    let slot = hash % ring_size;
+    let chunk = XLB_RINGS
+        .get(ring_chunk_index(vip.id, vip.active_ring, ring_chunks, slot))
+        .ok_or(Reason::DropNoBackend)?;
+    let id = chunk[(slot & (RING_CHUNK_SLOTS - 1)) as usize];
+    if id == EMPTY_SLOT {
+        return Err(Reason::DropNoBackend);
+    }
+    let backend = *XLB_BACKENDS.get(id).ok_or(Reason::DropBackendInvalid)?;
+    if backend.generation == 0 {
+        return Err(Reason::DropBackendInvalid);
+    }
+    let value = FlowValue {
+        backend: id,
+        generation: backend.generation,
+    };
+    // An insert only fails under memory pressure; the packet still goes to
+    // the ring's answer, which stays the same until the backend set changes.
+    let _ = XLB_FLOWS.insert(flow, &value, 0);
+    Ok((id, backend))
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked bounds.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q_BE {
+        let vlan: *mut VlanHdr = ptr_at(ctx, l3)?;
+        // SAFETY: ptr_at checked bounds.
+        ether_type = unsafe { (*vlan).ether_type };
+        l3 += VlanHdr::LEN;
+    }
+    let parsed = if ether_type == ETH_P_IPV4_BE {
+        parse_ipv4(ctx, l3)?
+    } else if ether_type == ETH_P_IPV6_BE {
+        parse_ipv6(ctx, l3)?
+    } else {
+        return Err(Reason::PassNonIp);
+    };
+    let flow = parsed.flow;
+
+    let vip_key = VipKey {
+        addr: flow.dst,
+        port_be: flow.dst_port_be,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: copied out at once (see tracked_backend).
+    let vip = unsafe { XLB_VIPS.get(&vip_key) }
+        .copied()
+        .ok_or(Reason::PassNotVip)?;
+    if parsed.ttl <= 1 {
+        return Err(Reason::PassTtlExpired);
+    }
+
+    let (id, backend, new_flow) = match tracked_backend(&flow) {
+        Some((id, backend)) => (id, backend, false),
+        None => {
+            let (id, backend) = schedule(&vip, &flow)?;
+            (id, backend, true)
+        }
+    };
+
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+
+    // L2 DSR: only the MACs change; the backend owns the VIP on a loopback
+    // and answers the client directly.
+    // SAFETY: bounds were checked at the top; the pointer is still valid.
+    unsafe {
+        (*eth).dst_addr = backend.dst_mac;
+        (*eth).src_addr = backend.src_mac;
+    }
+    let action = if backend.ifindex == ctx.ingress_ifindex() as u32 {
+        XDP_TX
+    } else {
+        XLB_TX_PORTS
+            .redirect(backend.tx_port, 0)
+            .map_err(|_| Reason::DropRedirectFailed)?
+    };
+    count(&XLB_VIP_STATS, vip.id, bytes, new_flow);
+    count(&XLB_BACKEND_STATS, id, bytes, new_flow);
+    Ok(action)
+}

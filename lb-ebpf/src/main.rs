@@ -1,0 +1,27 @@
+//! The xdplb datapath: one XDP program, `xlb_lb`.
+//!
+//! Packet walk: Ethernet (+ one 802.1Q tag) -> IPv4 / IPv6 -> TCP / UDP ->
+//! VIP lookup -> flow table -> (miss) Maglev ring + flow insert -> L2 DSR
+//! rewrite -> XDP_TX or XDP_REDIRECT. Anything that is not load balanced ends
+//! as an `Err(Reason)`: counted, then passed to the kernel or dropped by the
+//! reason's policy (see `lb_common::Reason`).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod datapath;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that can reach this.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,580 @@
+//! The YAML configuration: schema, defaults and validation.
+//!
+//! Parsing happens in two steps. serde_yaml checks the shape (unknown fields,
+//! types) and reports the field path and line. Then `validate` checks values
+//! and cross-field rules, naming the field path and the offending value, and
+//! produces a `Config` whose addresses and options are typed.
+
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
+
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_RING_SIZE};
+use serde::{Deserialize, Serialize};
+
+/// Largest backend weight. Weights are relative; 1000 leaves room for
+/// fine-grained ratios while keeping the Maglev build cheap.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Backends per VIP; bounded by the datapath's backend table.
+pub const MAX_BACKENDS_PER_VIP: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// The file as written (after serde, before validation).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Interface whose incoming VIP traffic is load balanced.
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<String>,
+    #[serde(default)]
+    pub datapath: RawDatapath,
+    #[serde(default)]
+    pub vips: Vec<RawVip>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatapath {
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+    #[serde(default = "default_max_vips")]
+    pub max_vips: u32,
+}
+
+impl Default for RawDatapath {
+    fn default() -> Self {
+        Self {
+            ring_size: DEFAULT_RING_SIZE,
+            flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+            max_vips: DEFAULT_MAX_VIPS,
+        }
+    }
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+fn default_flow_table_size() -> u32 {
+    DEFAULT_FLOW_TABLE_SIZE
+}
+fn default_max_vips() -> u32 {
+    DEFAULT_MAX_VIPS
+}
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawVip {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Affinity {
+    /// Each connection (5-tuple) is scheduled on its own.
+    None,
+    /// All connections of one client address go to one backend.
+    ClientIp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Driver mode; falls back to generic when the driver refuses.
+    Native,
+    /// Generic (skb) mode, works on any interface, slower.
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let p = parts.next().ok_or(())?;
+            if p.len() != 2 {
+                return Err(());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| ())?;
+        }
+        if parts.next().is_some() {
+            return Err(());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Load-time datapath settings; changing them needs a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathSettings {
+    pub ring_size: u32,
+    pub flow_table_size: u32,
+    pub max_vips: u32,
+}
+
+impl Default for DatapathSettings {
+    fn default() -> Self {
+        let d = RawDatapath::default();
+        Self {
+            ring_size: d.ring_size,
+            flow_table_size: d.flow_table_size,
+            max_vips: d.max_vips,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub interface: String,
+    pub xdp_mode: Option<XdpMode>,
+    pub datapath: DatapathSettings,
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vip {
+    pub name: Option<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub affinity: Affinity,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl Vip {
+    /// `address:port/protocol`, the VIP's identity in logs and errors.
+    pub fn label(&self) -> String {
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    pub weight: u32,
+    /// Known MAC; `None` means resolve from the neighbour table.
+    pub mac: Option<MacAddr>,
+    /// Egress interface; `None` means the VIP interface.
+    pub interface: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        validate(&raw).map_err(|(field, message)| ConfigError::Invalid {
+            file: origin.to_string(),
+            field,
+            message,
+        })
+    }
+
+    /// The configuration as YAML that `parse` accepts again.
+    pub fn to_raw(&self) -> RawConfig {
+        RawConfig {
+            interface: self.interface.clone(),
+            xdp_mode: self.xdp_mode.map(|m| {
+                match m {
+                    XdpMode::Native => "native",
+                    XdpMode::Generic => "generic",
+                }
+                .to_string()
+            }),
+            datapath: RawDatapath {
+                ring_size: self.datapath.ring_size,
+                flow_table_size: self.datapath.flow_table_size,
+                max_vips: self.datapath.max_vips,
+            },
+            vips: self
+                .vips
+                .iter()
+                .map(|v| RawVip {
+                    name: v.name.clone(),
+                    address: v.address.to_string(),
+                    port: v.port,
+                    protocol: v.protocol.to_string(),
+                    affinity: match v.affinity {
+                        Affinity::None => None,
+                        Affinity::ClientIp => Some("client-ip".to_string()),
+                    },
+                    backends: v
+                        .backends
+                        .iter()
+                        .map(|b| RawBackend {
+                            address: b.address.to_string(),
+                            weight: b.weight,
+                            mac: b.mac.map(|m| m.to_string()),
+                            interface: b.interface.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+type FieldError = (String, String);
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    (field.into(), message.into())
+}
+
+fn check_interface(field: &str, name: &str) -> Result<(), FieldError> {
+    // IFNAMSIZ is 16 including the NUL.
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
+        return Err(invalid(
+            field,
+            format!("{name:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
+    check_interface("interface", &raw.interface)?;
+    let xdp_mode = match raw.xdp_mode.as_deref() {
+        None => None,
+        Some("native") => Some(XdpMode::Native),
+        Some("generic") => Some(XdpMode::Generic),
+        Some(other) => {
+            return Err(invalid(
+                "xdp_mode",
+                format!("{other:?} is not one of: native, generic"),
+            ))
+        }
+    };
+    let d = &raw.datapath;
+    if d.ring_size < 3 || d.ring_size > MAX_RING_SIZE || !lb_common::maglev::is_prime(d.ring_size) {
+        return Err(invalid(
+            "datapath.ring_size",
+            format!(
+                "{} must be a prime between 3 and {MAX_RING_SIZE} (e.g. 65537, 131071, 524287)",
+                d.ring_size
+            ),
+        ));
+    }
+    if !(1024..=100_000_000).contains(&d.flow_table_size) {
+        return Err(invalid(
+            "datapath.flow_table_size",
+            format!("{} is out of range (1024..=100000000)", d.flow_table_size),
+        ));
+    }
+    if !(1..=4096).contains(&d.max_vips) {
+        return Err(invalid(
+            "datapath.max_vips",
+            format!("{} is out of range (1..=4096)", d.max_vips),
+        ));
+    }
+    if raw.vips.len() > d.max_vips as usize {
+        return Err(invalid(
+            "vips",
+            format!(
+                "{} VIPs configured but datapath.max_vips is {}",
+                raw.vips.len(),
+                d.max_vips
+            ),
+        ));
+    }
+
+    let mut seen_vips = HashSet::new();
+    let mut vips = Vec::with_capacity(raw.vips.len());
+    for (i, v) in raw.vips.iter().enumerate() {
+        let at = format!("vips[{i}]");
+        let address = parse_ip(&format!("{at}.address"), &v.address)?;
+        if address.is_unspecified() || address.is_multicast() {
+            return Err(invalid(
+                format!("{at}.address"),
+                format!("{:?} cannot be a VIP (unspecified or multicast)", v.address),
+            ));
+        }
+        if v.port == 0 {
+            return Err(invalid(format!("{at}.port"), "0 is not a valid port (1..=65535)"));
+        }
+        let protocol = match v.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(invalid(
+                    format!("{at}.protocol"),
+                    format!("{other:?} is not one of: tcp, udp"),
+                ))
+            }
+        };
+        let affinity = match v.affinity.as_deref() {
+            None | Some("none") => Affinity::None,
+            Some("client-ip") => Affinity::ClientIp,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{at}.affinity"),
+                    format!("{other:?} is not one of: none, client-ip"),
+                ))
+            }
+        };
+        if !seen_vips.insert((address, v.port, protocol)) {
+            return Err(invalid(
+                at,
+                format!(
+                    "duplicate VIP {}:{}/{protocol}: each address, port and protocol may appear once",
+                    v.address, v.port
+                ),
+            ));
+        }
+        if v.backends.len() > MAX_BACKENDS_PER_VIP {
+            return Err(invalid(
+                format!("{at}.backends"),
+                format!("{} backends, at most {MAX_BACKENDS_PER_VIP} per VIP", v.backends.len()),
+            ));
+        }
+        let mut seen_backends = HashSet::new();
+        let mut backends = Vec::with_capacity(v.backends.len());
+        for (j, b) in v.backends.iter().enumerate() {
+            let bat = format!("{at}.backends[{j}]");
+            let address = parse_ip(&format!("{bat}.address"), &b.address)?;
+            if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
+                return Err(invalid(
+                    format!("{bat}.address"),
+                    format!("{:?} cannot be a backend (unspecified, multicast or loopback)", b.address),
+                ));
+            }
+            if !seen_backends.insert(address) {
+                return Err(invalid(
+                    format!("{bat}.address"),
+                    format!("duplicate backend {address} in this VIP"),
+                ));
+            }
+            if b.weight > MAX_WEIGHT {
+                return Err(invalid(
+                    format!("{bat}.weight"),
+                    format!("{} is out of range (0..={MAX_WEIGHT})", b.weight),
+                ));
+            }
+            let mac = match &b.mac {
+                None => None,
+                Some(text) => Some(text.parse::<MacAddr>().map_err(|()| {
+                    invalid(
+                        format!("{bat}.mac"),
+                        format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"),
+                    )
+                })?),
+            };
+            if let Some(ifname) = &b.interface {
+                check_interface(&format!("{bat}.interface"), ifname)?;
+            }
+            backends.push(BackendSpec {
+                address,
+                weight: b.weight,
+                mac,
+                interface: b.interface.clone(),
+            });
+        }
+        vips.push(Vip {
+            name: v.name.clone(),
+            address,
+            port: v.port,
+            protocol,
+            affinity,
+            backends,
+        });
+    }
+    Ok(Config {
+        interface: raw.interface.clone(),
+        xdp_mode,
+        datapath: DatapathSettings {
+            ring_size: d.ring_size,
+            flow_table_size: d.flow_table_size,
+            max_vips: d.max_vips,
+        },
+        vips,
+    })
+}
+
+fn parse_ip(field: &str, text: &str) -> Result<IpAddr, FieldError> {
+    text.parse::<IpAddr>()
+        .map_err(|_| invalid(field, format!("{text:?} is not an IPv4 or IPv6 address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+interface: eth0
+vips:
+  - address: 10.200.100.1
+    port: 8080
+    protocol: tcp
+    affinity: client-ip
+    backends:
+      - address: 10.200.0.11
+        weight: 2
+      - address: 10.200.0.12
+        mac: 02:00:00:00:00:12
+  - address: fd00:200::100
+    port: 53
+    protocol: udp
+";
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "test.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "test.yaml").unwrap();
+        assert_eq!(c.datapath, DatapathSettings::default());
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[0].affinity, Affinity::ClientIp);
+        assert_eq!(c.vips[0].backends[1].weight, 1);
+        assert_eq!(
+            c.vips[0].backends[1].mac,
+            Some(MacAddr([2, 0, 0, 0, 0, 0x12]))
+        );
+        assert_eq!(c.vips[1].label(), "[fd00:200::100]:53/udp");
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let c = Config::parse(GOOD, "a").unwrap();
+        let text = serde_yaml::to_string(&c.to_raw()).unwrap();
+        assert_eq!(Config::parse(&text, "b").unwrap(), c);
+    }
+
+    #[test]
+    fn bad_address_names_field_and_value() {
+        let e = err(&GOOD.replace("10.200.0.11", "10.200.0.x"));
+        assert_eq!(
+            e,
+            "test.yaml: vips[0].backends[0].address: \"10.200.0.x\" is not an IPv4 or IPv6 address"
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let e = err(&GOOD.replace("weight: 2", "wieght: 2"));
+        assert!(e.contains("vips[0].backends[0]"), "{e}");
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_vip_is_rejected() {
+        let dup = format!(
+            "{GOOD}  - address: 10.200.100.1\n    port: 8080\n    protocol: tcp\n"
+        );
+        let e = err(&dup);
+        assert!(e.contains("vips[2]: duplicate VIP 10.200.100.1:8080/tcp"), "{e}");
+    }
+
+    #[test]
+    fn weight_out_of_range_is_rejected() {
+        let e = err(&GOOD.replace("weight: 2", "weight: 5000"));
+        assert_eq!(
+            e,
+            "test.yaml: vips[0].backends[0].weight: 5000 is out of range (0..=1000)"
+        );
+    }
+
+    #[test]
+    fn other_value_errors() {
+        assert!(err(&GOOD.replace("protocol: tcp", "protocol: sctp"))
+            .contains("vips[0].protocol: \"sctp\" is not one of: tcp, udp"));
+        assert!(err(&GOOD.replace("client-ip", "source"))
+            .contains("vips[0].affinity: \"source\""));
+        assert!(err(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:12"))
+            .contains("vips[0].backends[1].mac"));
+        assert!(err(&format!("{GOOD}datapath:\n  ring_size: 65536\n"))
+            .contains("datapath.ring_size: 65536 must be a prime"));
+        assert!(err(&GOOD.replace("port: 53", "port: 0")).contains("vips[1].port"));
+        assert!(err(&GOOD.replace("interface: eth0", "interface: a/b")).contains("interface:"));
+    }
+}
