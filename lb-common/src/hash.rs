@@ -11,8 +11,14 @@ const SEED: u32 = 0x9e37_79b9;
 
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -37,7 +43,10 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h = mix(h, key.dst[1]);
     h = mix(h, key.dst[2]);
     h = mix(h, key.dst[3]);
-    h = mix(h, (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be));
+    h = mix(
+        h,
+        (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be),
+    );
     h = mix(h, (u32::from(key.proto) << 8) | u32::from(key.family));
     finish(h, 10)
 }

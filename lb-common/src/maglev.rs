@@ -38,12 +38,12 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -73,7 +73,10 @@ pub fn build(members: &[Member], size: u32) -> Result<Vec<u32>, TableError> {
     }
 
     let m = u64::from(size);
-    let offset: Vec<u64> = live.iter().map(|b| bytes_hash64(&b.identity, 0) % m).collect();
+    let offset: Vec<u64> = live
+        .iter()
+        .map(|b| bytes_hash64(&b.identity, 0) % m)
+        .collect();
     let skip: Vec<u64> = live
         .iter()
         .map(|b| bytes_hash64(&b.identity, 0x5bd1_e995) % (m - 1) + 1)
@@ -127,7 +130,10 @@ mod tests {
         for &s in table {
             counts[s as usize] += 1;
         }
-        counts.iter().map(|&c| c as f64 / table.len() as f64).collect()
+        counts
+            .iter()
+            .map(|&c| c as f64 / table.len() as f64)
+            .collect()
     }
 
     #[test]
@@ -204,13 +210,19 @@ mod tests {
         let digest = a.iter().fold(0u64, |h, &s| {
             (h ^ u64::from(s)).wrapping_mul(0x0100_0000_01b3)
         });
-        assert_eq!(digest, 17_865_254_037_883_486_233, "table digest changed: LB nodes on different builds would disagree");
+        assert_eq!(
+            digest, 17_865_254_037_883_486_233,
+            "table digest changed: LB nodes on different builds would disagree"
+        );
     }
 
     #[test]
     fn duplicate_identity_is_rejected() {
         let mut ms = members(3, |_| 1);
         ms[2].identity = ms[0].identity.clone();
-        assert!(matches!(build(&ms, 13), Err(TableError::DuplicateIdentity(_))));
+        assert!(matches!(
+            build(&ms, 13),
+            Err(TableError::DuplicateIdentity(_))
+        ));
     }
 }

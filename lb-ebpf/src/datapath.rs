@@ -179,7 +179,10 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
 fn is_ipv6_extension(next: u8) -> bool {
     // Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility,
     // HIP, shim6, and the two experimental numbers.
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 #[inline(always)]

@@ -314,7 +314,9 @@ fn check_interface(field: &str, name: &str) -> Result<(), FieldError> {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
         return Err(invalid(
             field,
-            format!("{name:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"),
+            format!(
+                "{name:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+            ),
         ));
     }
     Ok(())
@@ -378,7 +380,10 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             ));
         }
         if v.port == 0 {
-            return Err(invalid(format!("{at}.port"), "0 is not a valid port (1..=65535)"));
+            return Err(invalid(
+                format!("{at}.port"),
+                "0 is not a valid port (1..=65535)",
+            ));
         }
         let protocol = match v.protocol.as_str() {
             "tcp" => Protocol::Tcp,
@@ -412,7 +417,10 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
         if v.backends.len() > MAX_BACKENDS_PER_VIP {
             return Err(invalid(
                 format!("{at}.backends"),
-                format!("{} backends, at most {MAX_BACKENDS_PER_VIP} per VIP", v.backends.len()),
+                format!(
+                    "{} backends, at most {MAX_BACKENDS_PER_VIP} per VIP",
+                    v.backends.len()
+                ),
             ));
         }
         let mut seen_backends = HashSet::new();
@@ -423,7 +431,10 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
                 return Err(invalid(
                     format!("{bat}.address"),
-                    format!("{:?} cannot be a backend (unspecified, multicast or loopback)", b.address),
+                    format!(
+                        "{:?} cannot be a backend (unspecified, multicast or loopback)",
+                        b.address
+                    ),
                 ));
             }
             if !seen_backends.insert(address) {
@@ -548,11 +559,12 @@ vips:
 
     #[test]
     fn duplicate_vip_is_rejected() {
-        let dup = format!(
-            "{GOOD}  - address: 10.200.100.1\n    port: 8080\n    protocol: tcp\n"
-        );
+        let dup = format!("{GOOD}  - address: 10.200.100.1\n    port: 8080\n    protocol: tcp\n");
         let e = err(&dup);
-        assert!(e.contains("vips[2]: duplicate VIP 10.200.100.1:8080/tcp"), "{e}");
+        assert!(
+            e.contains("vips[2]: duplicate VIP 10.200.100.1:8080/tcp"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -568,8 +580,7 @@ vips:
     fn other_value_errors() {
         assert!(err(&GOOD.replace("protocol: tcp", "protocol: sctp"))
             .contains("vips[0].protocol: \"sctp\" is not one of: tcp, udp"));
-        assert!(err(&GOOD.replace("client-ip", "source"))
-            .contains("vips[0].affinity: \"source\""));
+        assert!(err(&GOOD.replace("client-ip", "source")).contains("vips[0].affinity: \"source\""));
         assert!(err(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:12"))
             .contains("vips[0].backends[1].mac"));
         assert!(err(&format!("{GOOD}datapath:\n  ring_size: 65536\n"))

@@ -176,7 +176,12 @@ impl Dataplane {
     /// Writes one of a VIP's two rings. The table must have `ring_size`
     /// slots; it is written chunk by chunk into the ring the datapath is
     /// not reading.
-    pub fn write_ring(&mut self, vip_id: u32, ring: u32, table: &[u32]) -> Result<(), DataplaneError> {
+    pub fn write_ring(
+        &mut self,
+        vip_id: u32,
+        ring: u32,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
         let size = self.settings.ring_size;
         if table.len() != size as usize {
             return Err(DataplaneError::RingSize {

@@ -1,4 +1,8 @@
-use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,7 +99,7 @@ fn main() {
     }
 }
 
-fn check(path: &PathBuf) -> Result<()> {
+fn check(path: &Path) -> Result<()> {
     let cfg = Config::load(path)?;
     let backends: usize = cfg.vips.iter().map(|v| v.backends.len()).sum();
     println!(
@@ -131,7 +135,11 @@ async fn run(
     let mode = mode_flag.or(cfg.xdp_mode);
     let mut attached = vec![cfg.interface.clone()];
     let how = dp.attach(&cfg.interface, mode)?;
-    for name in state.egress_interfaces().map(str::to_owned).collect::<Vec<_>>() {
+    for name in state
+        .egress_interfaces()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    {
         dp.attach(&name, mode)?;
         attached.push(name);
     }
@@ -175,7 +183,11 @@ async fn run(
                     });
                 match applied {
                     Ok(s) => {
-                        for name in state.egress_interfaces().map(str::to_owned).collect::<Vec<_>>() {
+                        for name in state
+                            .egress_interfaces()
+                            .map(str::to_owned)
+                            .collect::<Vec<_>>()
+                        {
                             if !attached.contains(&name) {
                                 dp.attach(&name, mode)?;
                                 attached.push(name);

@@ -113,10 +113,7 @@ fn lookup_neighbour(address: IpAddr, interface: &str) -> Result<Option<MacAddr>,
         let Ok(n) = serde_json::from_value::<Neigh>(v) else {
             continue;
         };
-        let unusable = n
-            .state
-            .iter()
-            .any(|s| s == "FAILED" || s == "INCOMPLETE");
+        let unusable = n.state.iter().any(|s| s == "FAILED" || s == "INCOMPLETE");
         if let (Some(ll), false) = (n.lladdr, unusable) {
             if let Ok(mac) = ll.parse() {
                 return Ok(Some(mac));
@@ -129,7 +126,11 @@ fn lookup_neighbour(address: IpAddr, interface: &str) -> Result<Option<MacAddr>,
 /// Resolves a backend's MAC: the neighbour table first; if absent, a UDP
 /// datagram to the discard port makes the kernel run ARP / neighbour
 /// discovery, then the table is polled until `timeout`.
-pub fn resolve_mac(address: IpAddr, interface: &str, timeout: Duration) -> Result<MacAddr, NetError> {
+pub fn resolve_mac(
+    address: IpAddr,
+    interface: &str,
+    timeout: Duration,
+) -> Result<MacAddr, NetError> {
     if let Some(mac) = lookup_neighbour(address, interface)? {
         return Ok(mac);
     }

@@ -19,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{maglev, Backend, Counters, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS, VIP_F_AFFINITY_CLIENT_IP};
+use lb_common::{
+    maglev, Backend, Counters, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS,
+    VIP_F_AFFINITY_CLIENT_IP,
+};
 
 use crate::{
     config::{Affinity, Config, MacAddr, Vip},
@@ -108,6 +111,13 @@ pub struct State {
     egress: BTreeMap<String, Interface>,
 }
 
+/// A backend of the new configuration, resolved but not yet given an id.
+struct Planned {
+    address: IpAddr,
+    weight: u32,
+    entry: Backend,
+}
+
 /// What `apply` changed, for the log.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplySummary {
@@ -154,7 +164,7 @@ impl State {
         let main_if = resolver.interface(&cfg.interface)?;
         let mut egress = BTreeMap::new();
         let mut macs: HashMap<(IpAddr, String), MacAddr> = HashMap::new();
-        let mut planned: Vec<(VipKey, &Vip, Vec<(IpAddr, u32, Backend)>)> = Vec::new();
+        let mut planned: Vec<(VipKey, &Vip, Vec<Planned>)> = Vec::new();
         for vip in &cfg.vips {
             let mut members = Vec::new();
             for b in &vip.backends {
@@ -188,7 +198,11 @@ impl State {
                     tx_port: 0,
                     generation: 0,
                 };
-                members.push((b.address, b.weight, entry));
+                members.push(Planned {
+                    address: b.address,
+                    weight: b.weight,
+                    entry,
+                });
             }
             planned.push((vip_key(vip), vip, members));
         }
@@ -223,7 +237,12 @@ impl State {
         let mut to_swap = Vec::new();
         for (key, vip, members) in &planned {
             let mut maglev_members = Vec::with_capacity(members.len());
-            for (address, weight, entry) in members {
+            for Planned {
+                address,
+                weight,
+                entry,
+            } in members
+            {
                 let mut entry = *entry;
                 entry.tx_port = tx_ports[&entry.ifindex];
                 let slot = match self.backends.get(&(*key, *address)) {

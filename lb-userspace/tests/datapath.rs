@@ -1,0 +1,1315 @@
+//! In-kernel tests: the real XDP program, loaded and programmed through the
+//! daemon's own code (`Config` -> `State::apply` -> maps), fed packets
+//! through BPF_PROG_TEST_RUN.
+//!
+//! Each fixture states its input packet, the map state it needs (the shared
+//! config below, plus flow entries), the expected XDP action, the expected
+//! output bytes and the counter it must move. Needs root: every test fails
+//! (does not skip) without it.
+//!
+//! Each test runs in a network namespace of its own (unshare on the test's
+//! thread), so the interfaces it creates never touch the host.
+
+use std::{net::IpAddr, process::Command};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{
+    hash::{client_hash, flow_hash},
+    maglev, FlowKey, FlowValue, Reason, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+};
+use xdplb::{
+    config::{Config, MacAddr, Vip},
+    dataplane::Dataplane,
+    netdev::{Interface, NetError},
+    state::{Resolver, State},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe0];
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const B3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x13];
+const RING_SIZE: u32 = 65_537;
+
+/// The map state every fixture starts from. `lo` is the VIP interface
+/// because BPF_PROG_TEST_RUN reports the namespace's loopback as the
+/// ingress device; `xt0` is a veth created per test for XDP_REDIRECT.
+const CONFIG: &str = "
+interface: lo
+datapath:
+  ring_size: 65537
+  flow_table_size: 4096
+  max_vips: 16
+vips:
+  - name: single-tcp
+    address: 10.200.100.1
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.200.0.11, mac: '02:00:00:00:00:11' }
+  - name: single-udp
+    address: 10.200.100.1
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 10.200.0.12, mac: '02:00:00:00:00:12' }
+  - name: three
+    address: 10.200.100.2
+    port: 80
+    protocol: tcp
+    backends: &three
+      - { address: 10.200.0.11, mac: '02:00:00:00:00:11' }
+      - { address: 10.200.0.12, mac: '02:00:00:00:00:12' }
+      - { address: 10.200.0.13, mac: '02:00:00:00:00:13' }
+  - name: affinity
+    address: 10.200.100.3
+    port: 80
+    protocol: tcp
+    affinity: client-ip
+    backends: *three
+  - name: all-weight-zero
+    address: 10.200.100.4
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.200.0.11, mac: '02:00:00:00:00:11', weight: 0 }
+  - name: redirect
+    address: 10.200.100.5
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.200.1.13, mac: '02:00:00:00:00:13', interface: xt0 }
+  - name: v6-tcp
+    address: fd00:200::100
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 'fd00:200::11', mac: '02:00:00:00:00:11' }
+  - name: v6-udp
+    address: fd00:200::100
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 'fd00:200::12', mac: '02:00:00:00:00:12' }
+  - name: v6-three
+    address: fd00:200::101
+    port: 443
+    protocol: tcp
+    backends:
+      - { address: 'fd00:200::11', mac: '02:00:00:00:00:11' }
+      - { address: 'fd00:200::12', mac: '02:00:00:00:00:12' }
+      - { address: 'fd00:200::13', mac: '02:00:00:00:00:13', weight: 3 }
+";
+
+const CLIENT4: [u8; 4] = [10, 200, 0, 1];
+const VIP4: [u8; 4] = [10, 200, 100, 1];
+const VIP4_THREE: [u8; 4] = [10, 200, 100, 2];
+const VIP4_AFFINITY: [u8; 4] = [10, 200, 100, 3];
+const VIP4_ZERO: [u8; 4] = [10, 200, 100, 4];
+const VIP4_REDIRECT: [u8; 4] = [10, 200, 100, 5];
+
+fn v6(last: u16) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0..4].copy_from_slice(&[0xfd, 0x00, 0x02, 0x00]);
+    a[14..16].copy_from_slice(&last.to_be_bytes());
+    a
+}
+fn client6() -> [u8; 16] {
+    v6(1)
+}
+fn vip6() -> [u8; 16] {
+    v6(0x100)
+}
+
+// ---------------------------------------------------------------- packets
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // seq
+    h.extend_from_slice(&0u32.to_be_bytes()); // ack
+    h.push(5 << 4); // data offset
+    h.push(flags);
+    h.extend_from_slice(&64240u16.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    h
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn csum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// IPv4 header (IHL from `options`) followed by `l4`.
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, ttl: u8, options: &[u8], l4: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let ihl = 5 + options.len() / 4;
+    let total = ihl * 4 + l4.len();
+    let mut h = vec![(4 << 4) | ihl as u8, 0];
+    h.extend_from_slice(&(total as u16).to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]); // id, DF
+    h.extend_from_slice(&[ttl, proto, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(options);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(l4);
+    h
+}
+
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, hop: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, hop]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn frame(ether_type: u16, l3: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + l3.len());
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+fn frame_vlan(vid: u16, ether_type: u16, l3: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&LB_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+fn tcp4(dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    frame(
+        0x0800,
+        &ipv4(
+            CLIENT4,
+            dst,
+            PROTO_TCP,
+            64,
+            &[],
+            &tcp(sport, dport, TCP_SYN),
+        ),
+    )
+}
+
+fn tcp6(dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
+    frame(
+        0x86dd,
+        &ipv6(client6(), dst, PROTO_TCP, 64, &tcp(sport, dport, TCP_SYN)),
+    )
+}
+
+/// `packet` with the L2 DSR rewrite applied.
+fn rewritten(packet: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = packet.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}
+
+fn flow4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: [u32::from_ne_bytes(src), 0, 0, 0],
+        dst: [u32::from_ne_bytes(dst), 0, 0, 0],
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+fn flow6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let w = |a: [u8; 16], i: usize| {
+        u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+    };
+    FlowKey {
+        src: [w(src, 0), w(src, 1), w(src, 2), w(src, 3)],
+        dst: [w(dst, 0), w(dst, 1), w(dst, 2), w(dst, 3)],
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+struct TestResolver {
+    egress_ifindex: u32,
+}
+
+impl Resolver for TestResolver {
+    fn interface(&mut self, name: &str) -> Result<Interface, NetError> {
+        match name {
+            "lo" => Ok(Interface {
+                name: name.into(),
+                ifindex: 1,
+                mac: MacAddr(LB_MAC),
+            }),
+            "xt0" => Ok(Interface {
+                name: name.into(),
+                ifindex: self.egress_ifindex,
+                mac: MacAddr(EGRESS_MAC),
+            }),
+            other => Err(NetError::NoInterface(other.into())),
+        }
+    }
+    fn mac(&mut self, address: IpAddr, interface: &str) -> Result<MacAddr, NetError> {
+        Err(NetError::Unresolved {
+            address,
+            interface: interface.into(),
+            waited_ms: 0,
+        })
+    }
+}
+
+struct Harness {
+    dp: Dataplane,
+    state: State,
+    cfg: Config,
+    resolver: TestResolver,
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "in-kernel tests need root (BPF_PROG_TEST_RUN, XDP maps, network namespaces); \
+         run them through `cargo xtask test`"
+    );
+}
+
+impl Harness {
+    fn new() -> Harness {
+        require_root();
+        // SAFETY: unshare affects only the calling thread, which is this
+        // test's own thread; children it spawns inherit the new namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let status = Command::new("ip")
+            .args(["link", "add", "xt0", "type", "veth", "peer", "name", "xt1"])
+            .status()
+            .expect("running ip");
+        assert!(status.success(), "creating veth xt0 in the test namespace");
+        let name = std::ffi::CString::new("xt0").expect("literal");
+        // SAFETY: valid NUL-terminated string.
+        let egress_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(egress_ifindex, 0);
+
+        let cfg = Config::parse(CONFIG, "fixture config").expect("fixture config is valid");
+        let mut dp = Dataplane::load(cfg.datapath).expect("loading the XDP program");
+        let mut state = State::default();
+        let mut resolver = TestResolver { egress_ifindex };
+        state
+            .apply(&mut dp, &cfg, &mut resolver)
+            .expect("programming the fixture config");
+        Harness {
+            dp,
+            state,
+            cfg,
+            resolver,
+        }
+    }
+
+    fn vip(&self, name: &str) -> &Vip {
+        self.cfg
+            .vips
+            .iter()
+            .find(|v| v.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no VIP named {name}"))
+    }
+
+    /// (id, generation) of a VIP's backend.
+    fn backend(&self, vip: &str, address: &str) -> (u32, u32) {
+        let addr: IpAddr = address.parse().expect("address");
+        self.state
+            .backend_id(self.vip(vip), addr)
+            .unwrap_or_else(|| panic!("no backend {address} in {vip}"))
+    }
+
+    fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .dp
+            .program_mut()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// New flows counted over every VIP slot.
+    fn total_new_flows(&self) -> u64 {
+        (0..self.dp.settings().max_vips)
+            .map(|id| self.dp.vip_counters(id).expect("counters").new_flows)
+            .sum()
+    }
+
+    fn reasons(&self) -> Vec<(Reason, u64)> {
+        self.dp.reason_counters().expect("reading reason counters")
+    }
+
+    /// The host-side answer to "which backend does this new flow get": the
+    /// same Maglev build and hash the daemon and datapath use.
+    fn reference_backend(&self, vip: &str, flow: &FlowKey) -> u32 {
+        let v = self.vip(vip);
+        let members: Vec<maglev::Member> = v
+            .backends
+            .iter()
+            .map(|b| maglev::Member {
+                identity: b.address.to_string().into_bytes(),
+                weight: b.weight,
+                id: self.state.backend_id(v, b.address).expect("backend").0,
+            })
+            .collect();
+        let table = maglev::build(&members, RING_SIZE).expect("table");
+        let hash = match v.affinity {
+            xdplb::config::Affinity::ClientIp => client_hash(flow),
+            xdplb::config::Affinity::None => flow_hash(flow),
+        };
+        table[(hash % RING_SIZE) as usize]
+    }
+
+    fn mac_of(&self, vip: &str, id: u32) -> [u8; 6] {
+        let v = self.vip(vip);
+        v.backends
+            .iter()
+            .find(|b| self.state.backend_id(v, b.address).expect("backend").0 == id)
+            .and_then(|b| b.mac)
+            .expect("fixture backends have MACs")
+            .0
+    }
+}
+
+enum Expect {
+    /// Passed to the kernel untouched, counted under the reason.
+    Pass(Reason),
+    /// Dropped, counted under the reason.
+    Drop(Reason),
+    /// Sent back out of the ingress interface to this MAC (a new flow or not).
+    Tx { dst: [u8; 6], new_flow: bool },
+    /// Redirected to another interface, source MAC = that interface's.
+    Redirect { dst: [u8; 6], src: [u8; 6] },
+}
+
+/// Runs one fixture: action, output bytes, and exactly the right counters.
+fn check(h: &mut Harness, description: &str, packet: &[u8], expect: Expect) {
+    let before = h.reasons();
+    let new_flows_before = h.total_new_flows();
+    let (action, out) = h.run(packet);
+    let after = h.reasons();
+    let new_flows = h.total_new_flows() - new_flows_before;
+    let moved: Vec<(Reason, u64)> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (a.0, a.1 - b.1))
+        .collect();
+    match expect {
+        Expect::Pass(reason) | Expect::Drop(reason) => {
+            let want_action = if matches!(expect, Expect::Pass(_)) {
+                XDP_PASS
+            } else {
+                XDP_DROP
+            };
+            assert_eq!(action, want_action, "{description}: action");
+            assert_eq!(
+                out, packet,
+                "{description}: a packet not load balanced must be untouched"
+            );
+            assert_eq!(moved, vec![(reason, 1)], "{description}: reason counters");
+            assert_eq!(new_flows, 0, "{description}: no flow counted");
+        }
+        Expect::Tx { dst, new_flow } => {
+            assert_eq!(action, XDP_TX, "{description}: action");
+            assert_eq!(
+                out,
+                rewritten(packet, dst, LB_MAC),
+                "{description}: output bytes"
+            );
+            assert!(
+                moved.is_empty(),
+                "{description}: no pass/drop reason, got {moved:?}"
+            );
+            assert_eq!(
+                new_flows,
+                u64::from(new_flow),
+                "{description}: new-flow counter"
+            );
+        }
+        Expect::Redirect { dst, src } => {
+            assert_eq!(action, XDP_REDIRECT, "{description}: action");
+            assert_eq!(
+                out,
+                rewritten(packet, dst, src),
+                "{description}: output bytes"
+            );
+            assert!(
+                moved.is_empty(),
+                "{description}: no pass/drop reason, got {moved:?}"
+            );
+            assert_eq!(new_flows, 1, "{description}: new-flow counter");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+#[test]
+fn v4_tcp_syn_to_vip_is_sent_to_its_backend_and_tracked() {
+    let mut h = Harness::new();
+    let packet = tcp4(VIP4, 40000, 80);
+    let (b1, gen) = h.backend("single-tcp", "10.200.0.11");
+    let vip_before = h.dp.vip_counters(0).expect("counters");
+    check(
+        &mut h,
+        "IPv4 TCP SYN, miss",
+        &packet,
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+    let flow = h.dp.flow(&flow4(CLIENT4, VIP4, 40000, 80, PROTO_TCP));
+    assert_eq!(
+        flow,
+        Some(FlowValue {
+            backend: b1,
+            generation: gen
+        }),
+        "flow entry inserted"
+    );
+    let vip = h.dp.vip_counters(0).expect("counters");
+    assert_eq!(vip.packets - vip_before.packets, 1);
+    assert_eq!(vip.bytes - vip_before.bytes, packet.len() as u64);
+    assert_eq!(vip.new_flows - vip_before.new_flows, 1);
+    let backend = h.dp.backend_counters(b1).expect("counters");
+    assert_eq!((backend.packets, backend.new_flows), (1, 1));
+    // Second packet of the flow: a hit, not a new flow.
+    check(
+        &mut h,
+        "IPv4 TCP ACK, hit",
+        &tcp4(VIP4, 40000, 80),
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: false,
+        },
+    );
+    let backend = h.dp.backend_counters(b1).expect("counters");
+    assert_eq!((backend.packets, backend.new_flows), (2, 1));
+}
+
+#[test]
+fn v4_udp_to_vip_is_sent_to_its_backend() {
+    let mut h = Harness::new();
+    let packet = frame(
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(5353, 53, b"query")),
+    );
+    check(
+        &mut h,
+        "IPv4 UDP, miss",
+        &packet,
+        Expect::Tx {
+            dst: B2_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v4_ip_options_are_skipped_by_ihl() {
+    let mut h = Harness::new();
+    // 8 bytes of options (NOPs then end): if the parser assumed a 20-byte
+    // header it would read ports 0x0101/0x0101 and miss the VIP.
+    let options = [1, 1, 1, 1, 1, 1, 1, 0];
+    let packet = frame(
+        0x0800,
+        &ipv4(
+            CLIENT4,
+            VIP4,
+            PROTO_TCP,
+            64,
+            &options,
+            &tcp(40001, 80, TCP_SYN),
+        ),
+    );
+    check(
+        &mut h,
+        "IPv4 IHL=7",
+        &packet,
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v4_maximum_ihl_is_honoured() {
+    let mut h = Harness::new();
+    let options = [1u8; 40]; // IHL = 15
+    let packet = frame(
+        0x0800,
+        &ipv4(
+            CLIENT4,
+            VIP4,
+            PROTO_TCP,
+            64,
+            &options,
+            &tcp(40002, 80, TCP_SYN),
+        ),
+    );
+    check(
+        &mut h,
+        "IPv4 IHL=15",
+        &packet,
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v4_vlan_tagged_is_balanced_and_keeps_its_tag() {
+    let mut h = Harness::new();
+    let packet = frame_vlan(
+        100,
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_TCP, 64, &[], &tcp(40003, 80, TCP_SYN)),
+    );
+    check(
+        &mut h,
+        "802.1Q IPv4 TCP",
+        &packet,
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v4_new_flows_follow_the_maglev_ring() {
+    let mut h = Harness::new();
+    let mut seen = std::collections::HashSet::new();
+    for sport in 41000..41064u16 {
+        let flow = flow4(CLIENT4, VIP4_THREE, sport, 80, PROTO_TCP);
+        let id = h.reference_backend("three", &flow);
+        let dst = h.mac_of("three", id);
+        seen.insert(dst);
+        check(
+            &mut h,
+            &format!("three backends, port {sport}"),
+            &tcp4(VIP4_THREE, sport, 80),
+            Expect::Tx {
+                dst,
+                new_flow: true,
+            },
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "64 flows over 3 equal backends reach all of them"
+    );
+}
+
+#[test]
+fn v4_established_flow_keeps_its_backend() {
+    let mut h = Harness::new();
+    let sport = 42000;
+    let key = flow4(CLIENT4, VIP4_THREE, sport, 80, PROTO_TCP);
+    let ring_choice = h.reference_backend("three", &key);
+    // Pin the flow to a backend the ring would not pick.
+    let other = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+        .iter()
+        .map(|a| h.backend("three", a))
+        .find(|(id, _)| *id != ring_choice)
+        .expect("another backend");
+    h.dp.insert_flow(
+        &key,
+        &FlowValue {
+            backend: other.0,
+            generation: other.1,
+        },
+    )
+    .expect("insert flow");
+    let dst = h.mac_of("three", other.0);
+    check(
+        &mut h,
+        "flow table hit overrides the ring",
+        &tcp4(VIP4_THREE, sport, 80),
+        Expect::Tx {
+            dst,
+            new_flow: false,
+        },
+    );
+    let c = h.dp.backend_counters(other.0).expect("counters");
+    assert_eq!((c.packets, c.new_flows), (1, 0), "a hit is not a new flow");
+}
+
+#[test]
+fn v4_flow_of_a_replaced_backend_is_rescheduled() {
+    let mut h = Harness::new();
+    let sport = 42001;
+    let key = flow4(CLIENT4, VIP4_THREE, sport, 80, PROTO_TCP);
+    let ring_choice = h.reference_backend("three", &key);
+    let other = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+        .iter()
+        .map(|a| h.backend("three", a))
+        .find(|(id, _)| *id != ring_choice)
+        .expect("another backend");
+    // Same slot, older generation: the backend that owned the flow is gone.
+    h.dp.insert_flow(
+        &key,
+        &FlowValue {
+            backend: other.0,
+            generation: other.1.wrapping_sub(100),
+        },
+    )
+    .expect("insert flow");
+    let dst = h.mac_of("three", ring_choice);
+    check(
+        &mut h,
+        "stale generation falls back to the ring",
+        &tcp4(VIP4_THREE, sport, 80),
+        Expect::Tx {
+            dst,
+            new_flow: true,
+        },
+    );
+    assert_eq!(
+        h.dp.flow(&key).map(|f| f.backend),
+        Some(ring_choice),
+        "flow entry rewritten to the new backend"
+    );
+}
+
+#[test]
+fn v4_affinity_sends_every_connection_of_a_client_to_one_backend() {
+    let mut h = Harness::new();
+    let first = h.reference_backend("affinity", &flow4(CLIENT4, VIP4_AFFINITY, 1, 80, PROTO_TCP));
+    let dst = h.mac_of("affinity", first);
+    for sport in 43000..43032u16 {
+        check(
+            &mut h,
+            &format!("affinity, port {sport}"),
+            &tcp4(VIP4_AFFINITY, sport, 80),
+            Expect::Tx {
+                dst,
+                new_flow: true,
+            },
+        );
+    }
+    // A different client may land elsewhere; it follows the client hash.
+    let other_client = [10, 200, 0, 77];
+    let flow = flow4(other_client, VIP4_AFFINITY, 43000, 80, PROTO_TCP);
+    let dst = h.mac_of("affinity", h.reference_backend("affinity", &flow));
+    let packet = frame(
+        0x0800,
+        &ipv4(
+            other_client,
+            VIP4_AFFINITY,
+            PROTO_TCP,
+            64,
+            &[],
+            &tcp(43000, 80, TCP_SYN),
+        ),
+    );
+    check(
+        &mut h,
+        "affinity, other client",
+        &packet,
+        Expect::Tx {
+            dst,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v4_backend_behind_another_interface_is_redirected() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "egress xt0",
+        &tcp4(VIP4_REDIRECT, 44000, 80),
+        Expect::Redirect {
+            dst: B3_MAC,
+            src: EGRESS_MAC,
+        },
+    );
+}
+
+#[test]
+fn v4_vip_without_live_backend_drops() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "all weights 0",
+        &tcp4(VIP4_ZERO, 45000, 80),
+        Expect::Drop(Reason::DropNoBackend),
+    );
+}
+
+#[test]
+fn v4_vip_address_on_other_port_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "VIP address, port 81",
+        &tcp4(VIP4, 45001, 81),
+        Expect::Pass(Reason::PassNotVip),
+    );
+}
+
+#[test]
+fn v4_vip_port_with_other_protocol_passes() {
+    let mut h = Harness::new();
+    // 10.200.100.1:80 is a TCP VIP only.
+    let packet = frame(
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(45002, 80, b"x")),
+    );
+    check(
+        &mut h,
+        "UDP to a TCP-only VIP",
+        &packet,
+        Expect::Pass(Reason::PassNotVip),
+    );
+}
+
+#[test]
+fn v4_other_destination_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "not a VIP address",
+        &tcp4([10, 200, 0, 2], 45003, 22),
+        Expect::Pass(Reason::PassNotVip),
+    );
+}
+
+#[test]
+fn arp_passes() {
+    let mut h = Harness::new();
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&CLIENT4);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&VIP4);
+    let mut packet = frame(0x0806, &arp);
+    packet[0..6].copy_from_slice(&[0xff; 6]);
+    check(
+        &mut h,
+        "ARP request for the VIP",
+        &packet,
+        Expect::Pass(Reason::PassNonIp),
+    );
+}
+
+#[test]
+fn v4_first_fragment_passes() {
+    let mut h = Harness::new();
+    let mut packet = tcp4(VIP4, 45004, 80);
+    packet[14 + 6] = 0x20; // MF, offset 0
+    check(
+        &mut h,
+        "IPv4 first fragment (MF)",
+        &packet,
+        Expect::Pass(Reason::PassIpv4Fragment),
+    );
+}
+
+#[test]
+fn v4_later_fragment_passes() {
+    let mut h = Harness::new();
+    let mut packet = tcp4(VIP4, 45005, 80);
+    packet[14 + 6] = 0x00;
+    packet[14 + 7] = 0xb9; // offset 185 * 8, no MF: the last fragment
+    check(
+        &mut h,
+        "IPv4 last fragment (offset)",
+        &packet,
+        Expect::Pass(Reason::PassIpv4Fragment),
+    );
+}
+
+#[test]
+fn v4_icmp_to_vip_passes() {
+    let mut h = Harness::new();
+    let echo = [8, 0, 0, 0, 0, 1, 0, 1];
+    let packet = frame(0x0800, &ipv4(CLIENT4, VIP4, 1, 64, &[], &echo));
+    check(
+        &mut h,
+        "ICMP echo to the VIP",
+        &packet,
+        Expect::Pass(Reason::PassNotTcpUdp),
+    );
+}
+
+#[test]
+fn v4_ttl_one_and_zero_pass() {
+    let mut h = Harness::new();
+    for ttl in [1u8, 0] {
+        let packet = frame(
+            0x0800,
+            &ipv4(CLIENT4, VIP4, PROTO_TCP, ttl, &[], &tcp(45006, 80, TCP_SYN)),
+        );
+        check(
+            &mut h,
+            &format!("TTL {ttl} to the VIP"),
+            &packet,
+            Expect::Pass(Reason::PassTtlExpired),
+        );
+    }
+    assert_eq!(h.dp.flow_count(), 0, "an expired packet creates no flow");
+}
+
+#[test]
+fn cut_vlan_tag_passes() {
+    let mut h = Harness::new();
+    // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header
+    // (EINVAL), as drivers never deliver one; the shortest frame the program
+    // can see is 14 bytes. Here: an 802.1Q ethertype with the tag cut off.
+    let packet = frame_vlan(
+        5,
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_TCP, 64, &[], &tcp(45007, 80, TCP_SYN)),
+    );
+    check(
+        &mut h,
+        "802.1Q tag cut after 2 bytes",
+        &packet[..16],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn ethernet_header_only_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "IPv4 ethertype, no IP header",
+        &tcp4(VIP4, 45008, 80)[..14],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v4_truncated_ip_header_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "IPv4 header cut at 10 bytes",
+        &tcp4(VIP4, 45009, 80)[..24],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v4_truncated_tcp_header_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "TCP header cut at 10 bytes",
+        &tcp4(VIP4, 45010, 80)[..44],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v4_truncated_udp_header_passes() {
+    let mut h = Harness::new();
+    let packet = frame(
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(45011, 53, b"")),
+    );
+    check(
+        &mut h,
+        "UDP header cut at 6 bytes",
+        &packet[..40],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v4_ihl_beyond_packet_passes() {
+    let mut h = Harness::new();
+    let mut packet = tcp4(VIP4, 45012, 80);
+    packet[14] = 0x4f; // IHL 15: 60-byte header + 20-byte TCP > 40 bytes present
+    check(
+        &mut h,
+        "IHL 15 past the end",
+        &packet,
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v4_ihl_below_five_passes_as_malformed() {
+    let mut h = Harness::new();
+    let mut packet = tcp4(VIP4, 45013, 80);
+    packet[14] = 0x44;
+    check(
+        &mut h,
+        "IHL 4",
+        &packet,
+        Expect::Pass(Reason::PassMalformed),
+    );
+}
+
+#[test]
+fn v4_ethertype_with_v6_header_passes_as_malformed() {
+    let mut h = Harness::new();
+    let mut packet = tcp4(VIP4, 45014, 80);
+    packet[14] = 0x65;
+    check(
+        &mut h,
+        "IPv4 ethertype, version 6",
+        &packet,
+        Expect::Pass(Reason::PassMalformed),
+    );
+}
+
+#[test]
+fn v6_tcp_to_vip_is_sent_to_its_backend() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "IPv6 TCP SYN",
+        &tcp6(vip6(), 46000, 80),
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+    let (b, gen) = h.backend("v6-tcp", "fd00:200::11");
+    assert_eq!(
+        h.dp.flow(&flow6(client6(), vip6(), 46000, 80, PROTO_TCP)),
+        Some(FlowValue {
+            backend: b,
+            generation: gen
+        })
+    );
+}
+
+#[test]
+fn v6_udp_to_vip_is_sent_to_its_backend() {
+    let mut h = Harness::new();
+    let packet = frame(
+        0x86dd,
+        &ipv6(client6(), vip6(), PROTO_UDP, 64, &udp(46001, 53, b"q")),
+    );
+    check(
+        &mut h,
+        "IPv6 UDP",
+        &packet,
+        Expect::Tx {
+            dst: B2_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v6_vlan_tagged_is_balanced() {
+    let mut h = Harness::new();
+    let packet = frame_vlan(
+        7,
+        0x86dd,
+        &ipv6(client6(), vip6(), PROTO_TCP, 64, &tcp(46002, 80, TCP_ACK)),
+    );
+    check(
+        &mut h,
+        "802.1Q IPv6 TCP",
+        &packet,
+        Expect::Tx {
+            dst: B1_MAC,
+            new_flow: true,
+        },
+    );
+}
+
+#[test]
+fn v6_weighted_new_flows_follow_the_ring() {
+    let mut h = Harness::new();
+    let vip = v6(0x101);
+    for sport in 46100..46132u16 {
+        let flow = flow6(client6(), vip, sport, 443, PROTO_TCP);
+        let dst = h.mac_of("v6-three", h.reference_backend("v6-three", &flow));
+        check(
+            &mut h,
+            &format!("IPv6 weighted, port {sport}"),
+            &tcp6(vip, sport, 443),
+            Expect::Tx {
+                dst,
+                new_flow: true,
+            },
+        );
+    }
+}
+
+#[test]
+fn v6_established_flow_keeps_its_backend() {
+    let mut h = Harness::new();
+    let vip = v6(0x101);
+    let key = flow6(client6(), vip, 46200, 443, PROTO_TCP);
+    let ring_choice = h.reference_backend("v6-three", &key);
+    let other = ["fd00:200::11", "fd00:200::12", "fd00:200::13"]
+        .iter()
+        .map(|a| h.backend("v6-three", a))
+        .find(|(id, _)| *id != ring_choice)
+        .expect("another backend");
+    h.dp.insert_flow(
+        &key,
+        &FlowValue {
+            backend: other.0,
+            generation: other.1,
+        },
+    )
+    .expect("insert flow");
+    let dst = h.mac_of("v6-three", other.0);
+    check(
+        &mut h,
+        "IPv6 flow table hit",
+        &tcp6(vip, 46200, 443),
+        Expect::Tx {
+            dst,
+            new_flow: false,
+        },
+    );
+}
+
+#[test]
+fn v6_hop_by_hop_header_passes() {
+    let mut h = Harness::new();
+    let mut ext = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]; // HBH, PadN
+    ext.extend_from_slice(&tcp(46003, 80, TCP_SYN));
+    let packet = frame(0x86dd, &ipv6(client6(), vip6(), 0, 64, &ext));
+    check(
+        &mut h,
+        "IPv6 hop-by-hop",
+        &packet,
+        Expect::Pass(Reason::PassIpv6ExtHeader),
+    );
+}
+
+#[test]
+fn v6_fragment_header_passes() {
+    let mut h = Harness::new();
+    let mut ext = vec![PROTO_TCP, 0, 0, 1, 0, 0, 0, 42]; // offset 0, M=1
+    ext.extend_from_slice(&tcp(46004, 80, TCP_SYN));
+    let packet = frame(0x86dd, &ipv6(client6(), vip6(), 44, 64, &ext));
+    check(
+        &mut h,
+        "IPv6 fragment header",
+        &packet,
+        Expect::Pass(Reason::PassIpv6ExtHeader),
+    );
+}
+
+#[test]
+fn v6_icmp_passes() {
+    let mut h = Harness::new();
+    let packet = frame(
+        0x86dd,
+        &ipv6(client6(), vip6(), 58, 64, &[128, 0, 0, 0, 0, 1, 0, 1]),
+    );
+    check(
+        &mut h,
+        "ICMPv6 echo to the VIP",
+        &packet,
+        Expect::Pass(Reason::PassNotTcpUdp),
+    );
+}
+
+#[test]
+fn v6_hop_limit_one_passes() {
+    let mut h = Harness::new();
+    let packet = frame(
+        0x86dd,
+        &ipv6(client6(), vip6(), PROTO_TCP, 1, &tcp(46005, 80, TCP_SYN)),
+    );
+    check(
+        &mut h,
+        "IPv6 hop limit 1",
+        &packet,
+        Expect::Pass(Reason::PassTtlExpired),
+    );
+}
+
+#[test]
+fn v6_truncated_header_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "IPv6 header cut at 30 bytes",
+        &tcp6(vip6(), 46006, 80)[..44],
+        Expect::Pass(Reason::PassTruncated),
+    );
+}
+
+#[test]
+fn v6_other_destination_passes() {
+    let mut h = Harness::new();
+    check(
+        &mut h,
+        "IPv6 not a VIP",
+        &tcp6(v6(0x2), 46007, 80),
+        Expect::Pass(Reason::PassNotVip),
+    );
+}
+
+#[test]
+fn established_flows_survive_a_ring_change() {
+    let mut h = Harness::new();
+    // 64 flows over three backends, then a fourth backend joins.
+    let ports: Vec<u16> = (47000..47064).collect();
+    let mut first = Vec::new();
+    for &p in &ports {
+        let (_, out) = h.run(&tcp4(VIP4_THREE, p, 80));
+        first.push(out[0..6].to_vec());
+    }
+    let mut cfg = h.cfg.clone();
+    let three = cfg
+        .vips
+        .iter_mut()
+        .find(|v| v.name.as_deref() == Some("three"))
+        .expect("vip");
+    let mut extra = three.backends[0].clone();
+    extra.address = "10.200.0.14".parse().expect("address");
+    extra.mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x14]));
+    three.backends.push(extra);
+    let summary = h
+        .state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    assert_eq!(summary.rings_swapped, 1, "{summary:?}");
+    assert_eq!(summary.backends_added, 1, "{summary:?}");
+    h.cfg = cfg;
+    for (i, &p) in ports.iter().enumerate() {
+        let (action, out) = h.run(&tcp4(VIP4_THREE, p, 80));
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            out[0..6],
+            first[i][..],
+            "flow from port {p} moved after a backend joined"
+        );
+    }
+    // New flows use the new ring: some reach the new backend, and each
+    // matches the host's reference answer.
+    let mut new_backend_flows = 0;
+    for p in 48000..48100u16 {
+        let flow = flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP);
+        let dst = h.mac_of("three", h.reference_backend("three", &flow));
+        new_backend_flows += usize::from(dst == [0x02, 0, 0, 0, 0, 0x14]);
+        check(
+            &mut h,
+            &format!("after swap, port {p}"),
+            &tcp4(VIP4_THREE, p, 80),
+            Expect::Tx {
+                dst,
+                new_flow: true,
+            },
+        );
+    }
+    assert!(
+        new_backend_flows > 10,
+        "new backend got {new_backend_flows} of 100 new flows"
+    );
+}
+
+#[test]
+fn removed_backend_flows_are_rescheduled_not_blackholed() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    // Find flows currently on b3.
+    let on_b3: Vec<u16> = (49000..49200u16)
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .take(10)
+        .collect();
+    for &p in &on_b3 {
+        let (_, out) = h.run(&tcp4(VIP4_THREE, p, 80));
+        assert_eq!(out[0..6], B3_MAC);
+    }
+    let mut cfg = h.cfg.clone();
+    let three = cfg
+        .vips
+        .iter_mut()
+        .find(|v| v.name.as_deref() == Some("three"))
+        .expect("vip");
+    three
+        .backends
+        .retain(|b| b.address.to_string() != "10.200.0.13");
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    h.cfg = cfg;
+    for &p in &on_b3 {
+        let flow = flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP);
+        let dst = h.mac_of("three", h.reference_backend("three", &flow));
+        assert_ne!(dst, B3_MAC);
+        check(
+            &mut h,
+            &format!("b3 removed, port {p}"),
+            &tcp4(VIP4_THREE, p, 80),
+            Expect::Tx {
+                dst,
+                new_flow: true,
+            },
+        );
+    }
+}
