@@ -31,6 +31,14 @@ pub enum DataplaneError {
     Map { context: String, source: MapError },
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
+    #[error("program {0} is missing from the XDP object")]
+    MissingProgram(&'static str),
+    #[error("writing tx port {port} -> ifindex {ifindex}: {source}")]
+    TxPort {
+        port: u32,
+        ifindex: u32,
+        source: aya::maps::xdp::XdpMapError,
+    },
     #[error("per-CPU values: {0}")]
     Cpus(String),
     #[error("ring of {got} slots written, the datapath ring has {want}")]
@@ -85,13 +93,10 @@ impl Dataplane {
             .load(OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(programs::LB)
-            .ok_or_else(|| DataplaneError::Program {
-                context: format!("program {} missing from object", programs::LB),
-                source: ProgramError::AlreadyLoaded,
-            })?
+            .ok_or(DataplaneError::MissingProgram(programs::LB))?
             .try_into()
             .map_err(|source| DataplaneError::Program {
-                context: "program type".into(),
+                context: format!("program {} is not XDP", programs::LB),
                 source,
             })?;
         program.load().map_err(|source| DataplaneError::Program {
@@ -204,14 +209,10 @@ impl Dataplane {
     pub fn set_tx_port(&mut self, port: u32, ifindex: u32) -> Result<(), DataplaneError> {
         self.tx_ports
             .set(port, ifindex, None, 0)
-            .map_err(|e| DataplaneError::Map {
-                context: format!("writing tx port {port} -> ifindex {ifindex}"),
-                source: match e {
-                    aya::maps::xdp::XdpMapError::MapError(m) => m,
-                    other => MapError::InvalidName {
-                        name: other.to_string(),
-                    },
-                },
+            .map_err(|source| DataplaneError::TxPort {
+                port,
+                ifindex,
+                source,
             })
     }
 

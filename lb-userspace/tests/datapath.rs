@@ -418,6 +418,30 @@ impl Harness {
         table[(hash % RING_SIZE) as usize]
     }
 
+    /// (id, generation) of a backend of `vip` that the ring would not pick
+    /// for `flow`: pinning the flow there shows the flow table wins.
+    fn backend_off_ring(&self, vip: &str, flow: &FlowKey) -> (u32, u32) {
+        let ring_choice = self.reference_backend(vip, flow);
+        let v = self.vip(vip);
+        v.backends
+            .iter()
+            .map(|b| self.state.backend_id(v, b.address).expect("backend"))
+            .find(|(id, _)| *id != ring_choice)
+            .expect("the VIP has another backend")
+    }
+
+    fn pin_flow(&mut self, flow: &FlowKey, backend: u32, generation: u32) {
+        self.dp
+            .insert_flow(
+                flow,
+                &FlowValue {
+                    backend,
+                    generation,
+                },
+            )
+            .expect("insert flow");
+    }
+
     fn mac_of(&self, vip: &str, id: u32) -> [u8; 6] {
         let v = self.vip(vip);
         v.backends
@@ -669,21 +693,8 @@ fn v4_established_flow_keeps_its_backend() {
     let mut h = Harness::new();
     let sport = 42000;
     let key = flow4(CLIENT4, VIP4_THREE, sport, 80, PROTO_TCP);
-    let ring_choice = h.reference_backend("three", &key);
-    // Pin the flow to a backend the ring would not pick.
-    let other = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
-        .iter()
-        .map(|a| h.backend("three", a))
-        .find(|(id, _)| *id != ring_choice)
-        .expect("another backend");
-    h.dp.insert_flow(
-        &key,
-        &FlowValue {
-            backend: other.0,
-            generation: other.1,
-        },
-    )
-    .expect("insert flow");
+    let other = h.backend_off_ring("three", &key);
+    h.pin_flow(&key, other.0, other.1);
     let dst = h.mac_of("three", other.0);
     check(
         &mut h,
@@ -704,20 +715,9 @@ fn v4_flow_of_a_replaced_backend_is_rescheduled() {
     let sport = 42001;
     let key = flow4(CLIENT4, VIP4_THREE, sport, 80, PROTO_TCP);
     let ring_choice = h.reference_backend("three", &key);
-    let other = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
-        .iter()
-        .map(|a| h.backend("three", a))
-        .find(|(id, _)| *id != ring_choice)
-        .expect("another backend");
+    let other = h.backend_off_ring("three", &key);
     // Same slot, older generation: the backend that owned the flow is gone.
-    h.dp.insert_flow(
-        &key,
-        &FlowValue {
-            backend: other.0,
-            generation: other.1.wrapping_sub(100),
-        },
-    )
-    .expect("insert flow");
+    h.pin_flow(&key, other.0, other.1.wrapping_sub(100));
     let dst = h.mac_of("three", ring_choice);
     check(
         &mut h,
@@ -1105,20 +1105,8 @@ fn v6_established_flow_keeps_its_backend() {
     let mut h = Harness::new();
     let vip = v6(0x101);
     let key = flow6(client6(), vip, 46200, 443, PROTO_TCP);
-    let ring_choice = h.reference_backend("v6-three", &key);
-    let other = ["fd00:200::11", "fd00:200::12", "fd00:200::13"]
-        .iter()
-        .map(|a| h.backend("v6-three", a))
-        .find(|(id, _)| *id != ring_choice)
-        .expect("another backend");
-    h.dp.insert_flow(
-        &key,
-        &FlowValue {
-            backend: other.0,
-            generation: other.1,
-        },
-    )
-    .expect("insert flow");
+    let other = h.backend_off_ring("v6-three", &key);
+    h.pin_flow(&key, other.0, other.1);
     let dst = h.mac_of("v6-three", other.0);
     check(
         &mut h,
