@@ -18,7 +18,7 @@ pub const MAX_BACKENDS_PER_VIP: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: String,
         source: std::io::Error,
@@ -141,9 +141,9 @@ pub enum Affinity {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
-    /// Driver mode; falls back to generic when the driver refuses.
+    /// Driver (native) mode only: fail if the driver refuses.
     Native,
-    /// Generic (skb) mode, works on any interface, slower.
+    /// Generic (skb) mode only: works on any interface, slower.
     Generic,
 }
 

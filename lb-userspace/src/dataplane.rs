@@ -20,20 +20,20 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP object: {0}")]
+    #[error("loading the XDP object")]
     Load(#[from] EbpfError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Program {
         context: String,
         source: ProgramError,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Map { context: String, source: MapError },
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the XDP object")]
     MissingProgram(&'static str),
-    #[error("writing tx port {port} -> ifindex {ifindex}: {source}")]
+    #[error("writing tx port {port} -> ifindex {ifindex}")]
     TxPort {
         port: u32,
         ifindex: u32,

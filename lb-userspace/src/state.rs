@@ -36,7 +36,7 @@ pub enum ApplyError {
     Net(#[from] NetError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("VIP {vip}: building the Maglev table: {source}")]
+    #[error("VIP {vip}: building the Maglev table")]
     Maglev {
         vip: String,
         source: maglev::TableError,
