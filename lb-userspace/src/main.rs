@@ -111,6 +111,7 @@ fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy)]
 enum Event {
     Stop,
     Reload,
@@ -155,20 +156,29 @@ async fn run(
         cfg.datapath.ring_size,
     );
 
+    // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up
+    // as events for this loop, the only owner of the state.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = tx.clone();
     ctrlc::set_handler(move || {
         let _ = stop.send(Event::Stop);
     })
-    .context("installing the Ctrl-C / SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            if tx.send(Event::Reload).is_err() {
-                break;
+    .context("installing the Ctrl-C handler")?;
+    for (kind, event) in [
+        (SignalKind::terminate(), Event::Stop),
+        (SignalKind::hangup(), Event::Reload),
+    ] {
+        let mut sig = signal(kind).context("installing a signal handler")?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                if tx.send(event).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    }
+    drop(tx);
 
     while let Some(event) = rx.recv().await {
         match event {

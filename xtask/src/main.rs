@@ -1,10 +1,17 @@
 //! Developer tasks for xdplb: `cargo xtask <command>`.
 
+mod daemon;
+mod demo;
+mod deps;
+mod e2e;
 mod probe;
 mod serve;
+mod testcmd;
 mod topology;
 mod util;
-// Further task modules (deps, demo, e2e, ...) are declared here.
+// Further task modules are declared here.
+
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,8 +25,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    // Add new tasks here (Deps, Build, Demo, Test, Bench, ...) and a match
-    // arm in `main`.
+    // Add new tasks here (Bench, ...) and a match arm in `main`.
+    /// Install what this machine lacks to build and test xdplb (Debian
+    /// packages, nightly rust-src, bpf-linker). Idempotent and fast when
+    /// everything is present.
+    Deps,
+    /// `deps`, then `cargo build --release -p lb-userspace` (target/release/xdplb).
+    Build,
+    /// Build xdplb, run it on the namespace topology with
+    /// deploy/examples/demo.yaml, send traffic through the VIP and explain
+    /// the result. Needs root.
+    Demo,
+    /// Run every test layer: unit and in-kernel tests (`cargo test`), then
+    /// the namespace end-to-end scenarios. Needs root.
+    Test(testcmd::TestArgs),
     /// Create or remove the network-namespace test topology.
     Topology {
         #[command(subcommand)]
@@ -58,9 +77,30 @@ enum TopologyCmd {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, without the backtrace anyhow's Debug would add
+            // under RUST_BACKTRACE=1: every error here carries its context.
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::Deps => deps::run(),
+        Cmd::Build => {
+            deps::run()?;
+            daemon::build_release()
+        }
+        Cmd::Demo => demo::run(),
+        Cmd::Test(args) => testcmd::run(args),
         Cmd::Topology { action } => match action {
             TopologyCmd::Up { backends } => {
                 topology::up(usize::from(backends))?;
