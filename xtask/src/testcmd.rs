@@ -86,7 +86,14 @@ const CARGO_LAYERS: [CargoLayer; 2] = [
     },
     CargoLayer {
         name: "in-kernel",
-        args: &["test", "--release", "-p", "lb-userspace", "--test", "datapath"],
+        args: &[
+            "test",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--test",
+            "datapath",
+        ],
         at_least: 25,
     },
 ];
