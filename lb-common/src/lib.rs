@@ -21,6 +21,23 @@ pub mod maps {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
     pub const REASON_STATS: &str = "XLB_REASON_STATS";
+    /// Written by the daemon only: flows it expired for being idle, per
+    /// backend id. Pinned with the rest, so a restarted daemon keeps the
+    /// active-connection arithmetic right.
+    pub const BACKEND_EXPIRED: &str = "XLB_BACKEND_EXPIRED";
+
+    /// Every map, for pinning and adoption.
+    pub const ALL: [&str; 9] = [
+        VIPS,
+        BACKENDS,
+        RINGS,
+        FLOWS,
+        TX_PORTS,
+        VIP_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+        BACKEND_EXPIRED,
+    ];
 }
 
 /// Names of the read-only globals the daemon sets at load time.
@@ -101,6 +118,15 @@ pub struct VipInfo {
     pub _pad: u32,
 }
 
+/// `Backend::flags`: failed its health check. Flows pinned to it are
+/// rescheduled on the ring (which no longer contains it) instead of being
+/// sent to a dead server.
+pub const BACKEND_F_DOWN: u32 = 1;
+/// `Backend::flags`: being drained by the operator. Ignored by the datapath
+/// (a draining backend is simply not in the ring); kept in the map so a
+/// restarted daemon adopts the drain.
+pub const BACKEND_F_DRAINING: u32 = 2;
+
 /// `XLB_BACKENDS` value (array indexed by backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -116,6 +142,15 @@ pub struct Backend {
     /// Non-zero while the slot is in use; a new backend in a reused slot gets
     /// a new generation, so flow entries of the old one stop matching.
     pub generation: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// The VIP this backend serves, and its address (network order, IPv4 in
+    /// word 0): unused by the datapath, they let a restarted daemon adopt
+    /// the table and keep every id and generation.
+    pub vip_id: u32,
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// `XLB_FLOWS` key: the 5-tuple of a client-to-VIP packet.
@@ -133,6 +168,16 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// `FlowValue::flags`: a FIN or RST was seen; the flow is counted as
+/// closed. Later packets (the last ACKs) still go to its backend; a SYN
+/// starts a new flow.
+pub const FLOW_F_CLOSED: u32 = 1;
+
+/// How stale `FlowValue::last_seen_ns` may get before a packet refreshes
+/// it: idle timeouts are seconds to minutes, so refreshing at most once a
+/// second keeps the write off most packets.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
 /// `XLB_FLOWS` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,6 +185,12 @@ pub struct FlowValue {
     pub backend: u32,
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of a recent packet, within
+    /// `LAST_SEEN_GRANULARITY_NS`.
+    pub last_seen_ns: u64,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU counters of a VIP or a backend.
@@ -149,9 +200,12 @@ pub struct Counters {
     pub packets: u64,
     /// Bytes of the whole frame as received (L2 header included).
     pub bytes: u64,
-    /// Flow-table misses that scheduled a flow on a backend.
+    /// Flows scheduled on this backend (flow-table misses).
     pub new_flows: u64,
-    pub _reserved: u64,
+    /// Flows of this backend that ended in the datapath: FIN or RST seen,
+    /// or moved to another backend because this one went down. Active
+    /// connections = new_flows - closed_flows - expired (daemon's count).
+    pub closed_flows: u64,
 }
 
 impl Counters {
@@ -159,6 +213,7 @@ impl Counters {
         self.packets += other.packets;
         self.bytes += other.bytes;
         self.new_flows += other.new_flows;
+        self.closed_flows += other.closed_flows;
     }
 }
 
@@ -239,9 +294,9 @@ impl Reason {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<Backend>() == 52);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowValue>() == 8);
+    assert!(core::mem::size_of::<FlowValue>() == 24);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
     assert!(RING_CHUNK_SLOTS.is_power_of_two());

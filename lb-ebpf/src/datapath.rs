@@ -2,6 +2,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -9,9 +10,9 @@ use aya_ebpf::{
 use lb_common::{
     hash::{client_hash, flow_hash},
     ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey, FlowValue, Reason, RingChunk,
-    VipInfo, VipKey, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT,
-    FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS,
-    RING_CHUNK_SLOTS, VIP_F_AFFINITY_CLIENT_IP,
+    VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
+    EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS,
+    MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS, RING_CHUNK_SLOTS, VIP_F_AFFINITY_CLIENT_IP,
 };
 use network_types::{
     eth::EthHdr,
@@ -40,6 +41,10 @@ static XLB_VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFA
 static XLB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static XLB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
+/// Written by the daemon only (idle flows it expired); defined here so it is
+/// created and pinned with the others.
+#[map]
+static XLB_BACKEND_EXPIRED: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 // Read-only globals, overridden by the loader (lb_common::globals).
 #[unsafe(no_mangle)]
@@ -52,6 +57,10 @@ const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 /// IPv4 `frags` field: MF flag and fragment offset.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[xdp]
 pub fn xlb_lb(ctx: XdpContext) -> u32 {
@@ -103,6 +112,8 @@ fn count(stats: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) 
 struct Parsed {
     flow: FlowKey,
     ttl: u8,
+    /// TCP flags byte; 0 for UDP.
+    tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -120,20 +131,21 @@ fn words16(b: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// Reads the ports of a TCP or UDP header at `l4`, requiring the whole fixed
-/// header to be present.
+/// Reads the ports (and TCP flags) of a TCP or UDP header at `l4`,
+/// requiring the whole fixed header to be present.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16), Reason> {
+fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, u8), Reason> {
     if proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
-        // SAFETY: ptr_at checked the header lies inside the packet.
-        let (s, d) = unsafe { ((*tcp).source, (*tcp).dest) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+        // SAFETY: ptr_at checked the header lies inside the packet; the
+        // flags are byte 13 of the fixed header.
+        let (s, d, flags) = unsafe { ((*tcp).source, (*tcp).dest, *(tcp as *const u8).add(13)) };
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d), flags))
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
         // SAFETY: as above.
         let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d), 0))
     }
 }
 
@@ -160,7 +172,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
         return Err(Reason::PassNotTcpUdp);
     }
     // IHL honoured: options are skipped, whatever their length.
-    let (src_port_be, dst_port_be) = ports(ctx, l3 + ihl * 4, proto)?;
+    let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + ihl * 4, proto)?;
     Ok(Parsed {
         flow: FlowKey {
             src: words4(ip.src_addr),
@@ -172,6 +184,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
             _pad: [0; 2],
         },
         ttl: ip.ttl,
+        tcp_flags,
     })
 }
 
@@ -202,7 +215,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
     }
-    let (src_port_be, dst_port_be) = ports(ctx, l3 + Ipv6Hdr::LEN, proto)?;
+    let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + Ipv6Hdr::LEN, proto)?;
     Ok(Parsed {
         flow: FlowKey {
             src: words16(&ip.src_addr),
@@ -214,26 +227,69 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
             _pad: [0; 2],
         },
         ttl: ip.hop_limit,
+        tcp_flags,
     })
 }
 
-/// The backend an existing flow is pinned to, if that backend still exists.
 #[inline(always)]
-fn tracked_backend(flow: &FlowKey) -> Option<(u32, Backend)> {
-    // SAFETY: the value is copied out at once; a concurrent update of the
-    // entry can only replace it with another valid FlowValue.
-    let tracked = unsafe { XLB_FLOWS.get(flow) }.copied()?;
-    let backend = *XLB_BACKENDS.get(tracked.backend)?;
-    if backend.generation != 0 && backend.generation == tracked.generation {
-        Some((tracked.backend, backend))
-    } else {
-        None
+fn count_closed(backend: u32) {
+    if let Some(c) = XLB_BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        unsafe { (*c).closed_flows += 1 };
     }
+}
+
+#[inline(always)]
+fn is_closing(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// The backend an existing flow is pinned to, if the flow should stay
+/// there. `None` means (re)schedule: no entry, its backend was replaced or
+/// removed, its backend is down (counted closed there, once), or a SYN
+/// reuses the 5-tuple of a closed connection.
+#[inline(always)]
+fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Option<(u32, Backend)> {
+    let entry = XLB_FLOWS.get_ptr_mut(flow)?;
+    // SAFETY: a valid map value pointer; copied out before use.
+    let tracked = unsafe { *entry };
+    let backend = *XLB_BACKENDS.get(tracked.backend)?;
+    if backend.generation == 0 || backend.generation != tracked.generation {
+        return None;
+    }
+    let closed = tracked.flags & FLOW_F_CLOSED != 0;
+    if backend.flags & BACKEND_F_DOWN != 0 {
+        if !closed {
+            count_closed(tracked.backend);
+        }
+        return None;
+    }
+    if closed {
+        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return None;
+        }
+    } else if is_closing(tcp_flags) {
+        // Packets of one flow arrive on one CPU (RSS), so this check-then-
+        // set does not race in practice; the flag makes the count once.
+        // SAFETY: valid map value pointer.
+        unsafe { (*entry).flags |= FLOW_F_CLOSED };
+        count_closed(tracked.backend);
+    }
+    if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        // SAFETY: valid map value pointer.
+        unsafe { (*entry).last_seen_ns = now };
+    }
+    Some((tracked.backend, backend))
 }
 
 /// Schedules a new flow on the VIP's active Maglev ring.
 #[inline(always)]
-fn schedule(vip: &VipInfo, flow: &FlowKey) -> Result<(u32, Backend), Reason> {
+fn schedule(
+    vip: &VipInfo,
+    flow: &FlowKey,
+    tcp_flags: u8,
+    now: u64,
+) -> Result<(u32, Backend), Reason> {
     // SAFETY: read-only globals; volatile so the compiler does not fold the
     // compiled-in defaults over the values the loader wrote.
     let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
@@ -258,13 +314,20 @@ fn schedule(vip: &VipInfo, flow: &FlowKey) -> Result<(u32, Backend), Reason> {
     if backend.generation == 0 {
         return Err(Reason::DropBackendInvalid);
     }
+    let closing = is_closing(tcp_flags);
     let value = FlowValue {
         backend: id,
         generation: backend.generation,
+        last_seen_ns: now,
+        flags: if closing { FLOW_F_CLOSED } else { 0 },
+        _pad: 0,
     };
     // An insert only fails under memory pressure; the packet still goes to
     // the ring's answer, which stays the same until the backend set changes.
     let _ = XLB_FLOWS.insert(flow, &value, 0);
+    if closing {
+        count_closed(id);
+    }
     Ok((id, backend))
 }
 
@@ -303,10 +366,12 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         return Err(Reason::PassTtlExpired);
     }
 
-    let (id, backend, new_flow) = match tracked_backend(&flow) {
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (id, backend, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
         Some((id, backend)) => (id, backend, false),
         None => {
-            let (id, backend) = schedule(&vip, &flow)?;
+            let (id, backend) = schedule(&vip, &flow, parsed.tcp_flags, now)?;
             (id, backend, true)
         }
     };

@@ -5,10 +5,12 @@
 //! and cross-field rules, naming the field path and the offending value, and
 //! produces a `Config` whose addresses and options are typed.
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
 
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_RING_SIZE};
 use serde::{Deserialize, Serialize};
+
+use crate::health::{self, CheckSpec, RawHealthCheck};
 
 /// Largest backend weight. Weights are relative; 1000 leaves room for
 /// fine-grained ratios while keeping the Maglev build cheap.
@@ -44,7 +46,46 @@ pub struct RawConfig {
     #[serde(default)]
     pub datapath: RawDatapath,
     #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+    #[serde(default)]
     pub vips: Vec<RawVip>,
+}
+
+/// Flow-table entry lifetimes, enforced by the daemon's sweep.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    #[serde(default = "default_tcp_idle_s")]
+    pub tcp_idle_s: u64,
+    #[serde(default = "default_tcp_closed_s")]
+    pub tcp_closed_s: u64,
+    #[serde(default = "default_udp_idle_s")]
+    pub udp_idle_s: u64,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_idle_s: default_tcp_idle_s(),
+            tcp_closed_s: default_tcp_closed_s(),
+            udp_idle_s: default_udp_idle_s(),
+        }
+    }
+}
+
+fn default_tcp_idle_s() -> u64 {
+    300
+}
+fn default_tcp_closed_s() -> u64 {
+    10
+}
+fn default_udp_idle_s() -> u64 {
+    30
+}
+fn default_drain_timeout_s() -> u64 {
+    300
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -91,6 +132,8 @@ pub struct RawVip {
     pub protocol: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
 }
@@ -105,6 +148,8 @@ pub struct RawBackend {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -199,12 +244,25 @@ impl Default for DatapathSettings {
     }
 }
 
+/// Flow-table entry lifetimes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_idle: Duration,
+    pub tcp_closed: Duration,
+    pub udp_idle: Duration,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub interface: String,
     pub xdp_mode: Option<XdpMode>,
     pub datapath: DatapathSettings,
+    pub timeouts: Timeouts,
+    pub drain_timeout: Duration,
     pub vips: Vec<Vip>,
+    /// The VIP-level health checks as written, kept so `to_raw` gives the
+    /// file back (backends keep theirs in `BackendSpec::raw_health`).
+    pub raw_vip_health: Vec<Option<RawHealthCheck>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -235,6 +293,10 @@ pub struct BackendSpec {
     pub mac: Option<MacAddr>,
     /// Egress interface; `None` means the VIP interface.
     pub interface: Option<String>,
+    /// The resolved health check (VIP level merged with backend level).
+    pub health: Option<CheckSpec>,
+    /// The backend-level override as written.
+    pub raw_health: Option<RawHealthCheck>,
 }
 
 impl Config {
@@ -252,7 +314,13 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        validate(&raw).map_err(|(field, message)| ConfigError::Invalid {
+        Config::from_raw(&raw, origin)
+    }
+
+    /// Validates a configuration already in its raw form (runtime changes
+    /// are made on one, then validated exactly like a file).
+    pub fn from_raw(raw: &RawConfig, origin: &str) -> Result<Config, ConfigError> {
+        validate(raw).map_err(|(field, message)| ConfigError::Invalid {
             file: origin.to_string(),
             field,
             message,
@@ -275,10 +343,17 @@ impl Config {
                 flow_table_size: self.datapath.flow_table_size,
                 max_vips: self.datapath.max_vips,
             },
+            timeouts: RawTimeouts {
+                tcp_idle_s: self.timeouts.tcp_idle.as_secs(),
+                tcp_closed_s: self.timeouts.tcp_closed.as_secs(),
+                udp_idle_s: self.timeouts.udp_idle.as_secs(),
+            },
+            drain_timeout_s: self.drain_timeout.as_secs(),
             vips: self
                 .vips
                 .iter()
-                .map(|v| RawVip {
+                .enumerate()
+                .map(|(i, v)| RawVip {
                     name: v.name.clone(),
                     address: v.address.to_string(),
                     port: v.port,
@@ -287,6 +362,7 @@ impl Config {
                         Affinity::None => None,
                         Affinity::ClientIp => Some("client-ip".to_string()),
                     },
+                    health_check: self.raw_vip_health.get(i).cloned().flatten(),
                     backends: v
                         .backends
                         .iter()
@@ -295,6 +371,7 @@ impl Config {
                             weight: b.weight,
                             mac: b.mac.map(|m| m.to_string()),
                             interface: b.interface.clone(),
+                            health_check: b.raw_health.clone(),
                         })
                         .collect(),
                 })
@@ -356,6 +433,24 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             "datapath.max_vips",
             format!("{} is out of range (1..=4096)", d.max_vips),
         ));
+    }
+    let t = &raw.timeouts;
+    for (field, value, range) in [
+        ("timeouts.tcp_idle_s", t.tcp_idle_s, 1..=86_400),
+        ("timeouts.tcp_closed_s", t.tcp_closed_s, 1..=3_600),
+        ("timeouts.udp_idle_s", t.udp_idle_s, 1..=86_400),
+        ("drain_timeout_s", raw.drain_timeout_s, 1..=86_400),
+    ] {
+        if !range.contains(&value) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{value} is out of range ({}..={})",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
     }
     if raw.vips.len() > d.max_vips as usize {
         return Err(invalid(
@@ -461,11 +556,20 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             if let Some(ifname) = &b.interface {
                 check_interface(&format!("{bat}.interface"), ifname)?;
             }
+            let health = health::resolve(
+                v.health_check.as_ref(),
+                &at,
+                b.health_check.as_ref(),
+                &bat,
+                v.port,
+            )?;
             backends.push(BackendSpec {
                 address,
                 weight: b.weight,
                 mac,
                 interface: b.interface.clone(),
+                health,
+                raw_health: b.health_check.clone(),
             });
         }
         vips.push(Vip {
@@ -477,6 +581,24 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             backends,
         });
     }
+    if let Some(hc) = raw.vips.iter().enumerate().find_map(|(i, v)| {
+        // A VIP-level check with no backends is still validated.
+        v.backends
+            .is_empty()
+            .then(|| {
+                health::resolve(
+                    v.health_check.as_ref(),
+                    &format!("vips[{i}]"),
+                    None,
+                    "",
+                    v.port,
+                )
+                .err()
+            })
+            .flatten()
+    }) {
+        return Err(hc);
+    }
     Ok(Config {
         interface: raw.interface.clone(),
         xdp_mode,
@@ -485,6 +607,13 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             flow_table_size: d.flow_table_size,
             max_vips: d.max_vips,
         },
+        timeouts: Timeouts {
+            tcp_idle: Duration::from_secs(t.tcp_idle_s),
+            tcp_closed: Duration::from_secs(t.tcp_closed_s),
+            udp_idle: Duration::from_secs(t.udp_idle_s),
+        },
+        drain_timeout: Duration::from_secs(raw.drain_timeout_s),
+        raw_vip_health: raw.vips.iter().map(|v| v.health_check.clone()).collect(),
         vips,
     })
 }

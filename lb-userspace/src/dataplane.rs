@@ -3,14 +3,23 @@
 //! This is the only module that talks to aya. It knows map layouts, not
 //! policy: which ids to use and in what order to write is `state`'s job.
 
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
 use aya::{
-    maps::{Array, DevMap, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, Xdp, XdpMode as AyaXdpMode},
+    maps::{Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        ProgramError, Xdp, XdpMode as AyaXdpMode,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
     globals, maps, programs, ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey,
-    FlowValue, Reason, RingChunk, VipInfo, VipKey, RING_CHUNK_SLOTS,
+    FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS, REASON_SLOTS,
+    RING_CHUNK_SLOTS,
 };
 
 use crate::config::{DatapathSettings, XdpMode};
@@ -41,6 +50,29 @@ pub enum DataplaneError {
     },
     #[error("per-CPU values: {0}")]
     Cpus(String),
+    #[error(
+        "pinned map {path} has {what} {got}, this configuration needs {want}; it was \
+         created by another layout or other datapath settings: restore those settings, \
+         or remove the pinned state (`xdplb run` without --persist on exit, or \
+         `rm -r {dir}`) and accept that established flows are lost"
+    )]
+    PinnedMismatch {
+        path: String,
+        dir: String,
+        what: &'static str,
+        got: u32,
+        want: u32,
+    },
+    #[error("{context}")]
+    Pin {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{context}")]
+    Link {
+        context: String,
+        source: aya::programs::links::LinkError,
+    },
     #[error("ring of {got} slots written, the datapath ring has {want}")]
     RingSize { got: usize, want: u32 },
 }
@@ -55,11 +87,52 @@ fn map_err(context: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneErro
 pub enum Attached {
     Native,
     Generic,
+    /// A pinned link from a previous daemon now runs this program (its
+    /// mode is whatever it was attached with).
+    Replaced,
+}
+
+/// (key size, value size, max entries) each map must have.
+fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
+    let chunks = ring_chunks_for(settings.ring_size);
+    let sz = |n: usize| n as u32;
+    match name {
+        maps::VIPS => (
+            sz(size_of::<VipKey>()),
+            sz(size_of::<VipInfo>()),
+            settings.max_vips,
+        ),
+        maps::BACKENDS => (4, sz(size_of::<Backend>()), MAX_BACKENDS),
+        maps::RINGS => (
+            4,
+            sz(size_of::<RingChunk>()),
+            settings.max_vips * 2 * chunks,
+        ),
+        maps::FLOWS => (
+            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowValue>()),
+            settings.flow_table_size,
+        ),
+        maps::TX_PORTS => (4, 8, MAX_TX_PORTS),
+        maps::VIP_STATS => (4, sz(size_of::<Counters>()), settings.max_vips),
+        maps::BACKEND_STATS => (4, sz(size_of::<Counters>()), MAX_BACKENDS),
+        maps::REASON_STATS => (4, 8, REASON_SLOTS),
+        maps::BACKEND_EXPIRED => (4, 8, MAX_BACKENDS),
+        other => unreachable!("map {other} has no expected layout"),
+    }
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
     settings: DatapathSettings,
+    /// Where maps and links are pinned (`None`: nothing is pinned and
+    /// everything goes when the process does).
+    pin_dir: Option<PathBuf>,
+    /// The maps were pinned already: a previous daemon's state was adopted.
+    adopted: bool,
+    /// Pinned XDP links this daemon owns.
+    links: Vec<PathBuf>,
+    backend_expired: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
@@ -81,16 +154,39 @@ macro_rules! take_map {
 
 impl Dataplane {
     /// Loads the object with the given sizes and verifies the program.
-    pub fn load(settings: DatapathSettings) -> Result<Self, DataplaneError> {
+    ///
+    /// With `pin_dir`, every map is pinned there, and maps already pinned
+    /// there (by a previous daemon) are reused as they are: flows, counters
+    /// and tables survive. Their layout is checked first.
+    pub fn load(
+        settings: DatapathSettings,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, DataplaneError> {
         let chunks = ring_chunks_for(settings.ring_size);
-        let mut ebpf = EbpfLoader::new()
+        let mut adopted = false;
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(globals::RING_SIZE, &settings.ring_size, true)
             .override_global(globals::RING_CHUNKS, &chunks, true)
             .map_max_entries(maps::VIPS, settings.max_vips)
             .map_max_entries(maps::VIP_STATS, settings.max_vips)
             .map_max_entries(maps::RINGS, settings.max_vips * 2 * chunks)
-            .map_max_entries(maps::FLOWS, settings.flow_table_size)
-            .load(OBJECT)?;
+            .map_max_entries(maps::FLOWS, settings.flow_table_size);
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+                context: format!("creating {}", dir.display()),
+                source,
+            })?;
+            for name in maps::ALL {
+                let path = dir.join(name);
+                if path.exists() {
+                    check_pinned(&path, dir, expected_layout(name, &settings))?;
+                    adopted = true;
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(programs::LB)
             .ok_or(DataplaneError::MissingProgram(programs::LB))?
@@ -105,6 +201,9 @@ impl Dataplane {
         })?;
         Ok(Self {
             settings,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            adopted,
+            links: Vec::new(),
             vips: take_map!(ebpf, maps::VIPS),
             backends: take_map!(ebpf, maps::BACKENDS),
             rings: take_map!(ebpf, maps::RINGS),
@@ -113,8 +212,30 @@ impl Dataplane {
             vip_stats: take_map!(ebpf, maps::VIP_STATS),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
             reason_stats: take_map!(ebpf, maps::REASON_STATS),
+            backend_expired: take_map!(ebpf, maps::BACKEND_EXPIRED),
             ebpf,
         })
+    }
+
+    /// Whether the maps were adopted from a previous daemon's pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Removes every pin (links and maps): when this process exits, the
+    /// program is detached and the maps are freed.
+    pub fn unpin(&mut self) -> Result<(), DataplaneError> {
+        for path in &self.links {
+            remove_pin(path)?;
+        }
+        if let Some(dir) = &self.pin_dir {
+            for name in maps::ALL {
+                remove_pin(&dir.join(name))?;
+            }
+            // Only empty: something else may share the directory.
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 
     pub fn settings(&self) -> DatapathSettings {
@@ -129,12 +250,43 @@ impl Dataplane {
     }
 
     /// Attaches to `interface`. `None` means native with a fallback to
-    /// generic; an explicit mode is used as is.
+    /// generic; an explicit mode is used as is. With a pin directory, a link
+    /// pinned there by a previous daemon is taken over (the new program
+    /// replaces the old one atomically: not a packet is missed), otherwise
+    /// the new link is pinned.
     pub fn attach(
         &mut self,
         interface: &str,
         mode: Option<XdpMode>,
     ) -> Result<Attached, DataplaneError> {
+        let link_path = self
+            .pin_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("link-{interface}")));
+        if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
+            let context = || format!("taking over the pinned XDP link {}", path.display());
+            let pinned = PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
+                context: context(),
+                source,
+            })?;
+            let link =
+                aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                    DataplaneError::Link {
+                        context: context(),
+                        source,
+                    }
+                })?;
+            // The program takes ownership of the link; the pin keeps it
+            // alive independently of this process.
+            self.program_mut()
+                .attach_to_link(link)
+                .map_err(|source| DataplaneError::Program {
+                    context: context(),
+                    source,
+                })?;
+            self.links.push(path.clone());
+            return Ok(Attached::Replaced);
+        }
         let program = self.program_mut();
         let attach = |program: &mut Xdp, m: AyaXdpMode| {
             program
@@ -144,19 +296,40 @@ impl Dataplane {
                     source,
                 })
         };
-        match mode {
-            Some(XdpMode::Native) => attach(program, AyaXdpMode::Driver).map(|_| Attached::Native),
-            Some(XdpMode::Generic) => attach(program, AyaXdpMode::Skb).map(|_| Attached::Generic),
+        let (id, how) = match mode {
+            Some(XdpMode::Native) => (attach(program, AyaXdpMode::Driver)?, Attached::Native),
+            Some(XdpMode::Generic) => (attach(program, AyaXdpMode::Skb)?, Attached::Generic),
             None => match attach(program, AyaXdpMode::Driver) {
-                Ok(_) => Ok(Attached::Native),
+                Ok(r) => (r, Attached::Native),
                 Err(native) => {
                     tracing::warn!(
                         "native XDP refused on {interface} ({native}); using generic mode"
                     );
-                    attach(program, AyaXdpMode::Skb).map(|_| Attached::Generic)
+                    (attach(program, AyaXdpMode::Skb)?, Attached::Generic)
                 }
             },
+        };
+        if let Some(path) = link_path {
+            let context = || format!("pinning the XDP link of {interface} at {}", path.display());
+            let link = program
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    context: context(),
+                    source,
+                })?;
+            let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                context: context(),
+                source,
+            })?;
+            // Dropping the returned handle closes our fd only: the pin holds
+            // the link (and through it the program) until `unpin`.
+            fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
+                context: context(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            self.links.push(path);
         }
+        Ok(how)
     }
 
     pub fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
@@ -216,6 +389,50 @@ impl Dataplane {
             })
     }
 
+    pub fn backend(&self, id: u32) -> Result<Backend, DataplaneError> {
+        self.backends
+            .get(&id, 0)
+            .map_err(map_err(format!("reading backend {id}")))
+    }
+
+    /// Every VIP entry in the map (for adoption).
+    pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>, DataplaneError> {
+        self.vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading VIPs"))
+    }
+
+    /// Egress interface index of each tx port that is set (for adoption).
+    pub fn tx_port_entries(&self) -> Vec<(u32, u32)> {
+        (0..MAX_TX_PORTS)
+            .filter_map(|port| self.tx_ports.get(port, 0).ok().map(|v| (port, v.if_index)))
+            .collect()
+    }
+
+    pub fn backend_expired(&self, id: u32) -> Result<u64, DataplaneError> {
+        self.backend_expired
+            .get(&id, 0)
+            .map_err(map_err(format!("reading expired count of backend {id}")))
+    }
+
+    pub fn set_backend_expired(&mut self, id: u32, value: u64) -> Result<(), DataplaneError> {
+        self.backend_expired
+            .set(id, value, 0)
+            .map_err(map_err(format!("writing expired count of backend {id}")))
+    }
+
+    /// Every flow entry (a syscall pair per entry: fine for the sweep's
+    /// sizes, see README on flow table sizing).
+    pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Deletes a flow entry; `true` if this call removed it.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> bool {
+        self.flows.remove(key).is_ok()
+    }
+
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), DataplaneError> {
         self.flows
             .insert(key, value, 0)
@@ -251,7 +468,8 @@ impl Dataplane {
             .map_err(map_err(format!("reading backend {id} counters")))
     }
 
-    /// Zeroes a VIP's or backend's counters before its id is reused.
+    /// Zeroes a VIP's or backend's counters before its id is reused (the
+    /// backend's expired-flow count included).
     pub fn reset_counters(
         &mut self,
         vip_id: Option<u32>,
@@ -272,6 +490,7 @@ impl Dataplane {
             self.backend_stats
                 .set(id, zeros()?, 0)
                 .map_err(map_err(format!("zeroing backend {id} counters")))?;
+            self.set_backend_expired(id, 0)?;
         }
         Ok(())
     }
@@ -287,5 +506,43 @@ impl Dataplane {
                     .map_err(map_err("reading reason counters"))
             })
             .collect()
+    }
+}
+
+fn check_pinned(
+    path: &Path,
+    dir: &Path,
+    (key, value, max): (u32, u32, u32),
+) -> Result<(), DataplaneError> {
+    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::Map {
+        context: format!("opening pinned map {}", path.display()),
+        source,
+    })?;
+    for (what, got, want) in [
+        ("key size", info.key_size(), key),
+        ("value size", info.value_size(), value),
+        ("max entries", info.max_entries(), max),
+    ] {
+        if got != want {
+            return Err(DataplaneError::PinnedMismatch {
+                path: path.display().to_string(),
+                dir: dir.display().to_string(),
+                what,
+                got,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Pin {
+            context: format!("removing pin {}", path.display()),
+            source,
+        }),
     }
 }

@@ -12,9 +12,10 @@ use tokio::{
     sync::mpsc,
 };
 use xdplb::{
+    api, cli,
     config::{Config, XdpMode},
-    dataplane::{Attached, Dataplane},
-    state::{State, SystemResolver, VipReport},
+    daemon::{self, Daemon, Event},
+    metrics, server,
 };
 
 /// xdplb: an XDP layer-4 load balancer (L2 direct server return).
@@ -27,13 +28,16 @@ use xdplb::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: cli::ClientOptions,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, program the VIPs of a config file, attach, and
-    /// serve until Ctrl-C / SIGTERM (which detach). SIGHUP re-reads the file;
-    /// a bad file is rejected and the running state is kept.
+    /// Run the load balancer: load (or adopt) the XDP program, program the
+    /// VIPs of a config file, attach, and serve the control API until
+    /// Ctrl-C / SIGTERM. SIGHUP re-reads the file; a bad file is rejected and
+    /// the running state is kept.
     Run {
         /// YAML configuration (see README, "Configuration").
         #[arg(short, long, value_name = "FILE")]
@@ -42,6 +46,25 @@ enum Command {
         /// with a fallback to generic when the driver refuses.
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpMode>,
+        /// Control socket (HTTP/JSON, created mode 0600).
+        #[arg(long, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Prometheus endpoint address, or `off`.
+        #[arg(long, default_value = api::DEFAULT_METRICS_ADDR)]
+        metrics: String,
+        /// bpffs directory where the program's maps and links are pinned, so
+        /// a restart (or a crash) drops no flow; a daemon started with pins
+        /// present adopts them.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdplb")]
+        bpffs: PathBuf,
+        /// Pin nothing: the datapath lives and dies with this process.
+        #[arg(long, conflicts_with = "persist")]
+        no_pin: bool,
+        /// On exit, leave the datapath pinned and attached (traffic keeps
+        /// flowing; the next `xdplb run` adopts it). Without it, exit
+        /// detaches and removes the pins.
+        #[arg(long)]
+        persist: bool,
         /// How to print the per-VIP and per-backend counters on exit.
         #[arg(long, value_enum, default_value_t = ExitStats::Table)]
         exit_stats: ExitStats,
@@ -54,6 +77,8 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,9 +100,15 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Check { config } => check(&config),
+        Command::Client(cmd) => cli::run(cmd, &cli.client),
         Command::Run {
             config,
             xdp_mode,
+            socket,
+            metrics,
+            bpffs,
+            no_pin,
+            persist,
             exit_stats,
             neighbour_timeout_ms,
         } => tokio::runtime::Builder::new_current_thread()
@@ -86,10 +117,16 @@ fn main() {
             .context("starting the runtime")
             .and_then(|rt| {
                 rt.block_on(run(
-                    config,
-                    xdp_mode,
+                    daemon::Options {
+                        config_path: config,
+                        xdp_mode,
+                        pin_dir: (!no_pin).then_some(bpffs),
+                        persist,
+                        neighbour_timeout: Duration::from_millis(neighbour_timeout_ms),
+                    },
+                    socket,
+                    metrics,
                     exit_stats,
-                    Duration::from_millis(neighbour_timeout_ms),
                 ))
             }),
     };
@@ -111,171 +148,145 @@ fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-enum Event {
-    Stop,
-    Reload,
-}
-
 async fn run(
-    path: PathBuf,
-    mode_flag: Option<XdpMode>,
+    opts: daemon::Options,
+    socket: PathBuf,
+    metrics_addr: String,
     exit_stats: ExitStats,
-    neighbour_timeout: Duration,
 ) -> Result<()> {
-    let cfg = Config::load(&path)?;
-    let mut resolver = SystemResolver { neighbour_timeout };
-    let mut dp = Dataplane::load(cfg.datapath).context(
-        "loading the XDP program (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BPF)",
-    )?;
-    let mut state = State::default();
-    // Program the tables before attaching, so the first packet finds them.
-    let summary = state
-        .apply(&mut dp, &cfg, &mut resolver)
-        .context("programming the initial configuration")?;
-    let mode = mode_flag.or(cfg.xdp_mode);
-    let mut attached = vec![cfg.interface.clone()];
-    let how = dp.attach(&cfg.interface, mode)?;
-    for name in state
-        .egress_interfaces()
-        .map(str::to_owned)
-        .collect::<Vec<_>>()
-    {
-        dp.attach(&name, mode)?;
-        attached.push(name);
-    }
-    tracing::info!(
-        "ready: attached to {} ({} mode), {} VIPs, {} backends, ring size {}",
-        attached.join(", "),
-        match how {
-            Attached::Native => "native",
-            Attached::Generic => "generic",
-        },
-        summary.vips_added,
-        summary.backends_added,
-        cfg.datapath.ring_size,
-    );
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    // Bind the control socket first: it fails fast if another daemon runs.
+    let listener = server::bind(&socket)?;
+    let mut daemon = Daemon::start(opts, health_tx)?;
 
-    // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up
-    // as events for this loop, the only owner of the state.
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up as
+    // events for the loop below, the only owner of the state.
     let stop = tx.clone();
     ctrlc::set_handler(move || {
         let _ = stop.send(Event::Stop);
     })
     .context("installing the Ctrl-C handler")?;
-    for (kind, event) in [
-        (SignalKind::terminate(), Event::Stop),
-        (SignalKind::hangup(), Event::Reload),
+    for (kind, reload) in [
+        (SignalKind::terminate(), false),
+        (SignalKind::hangup(), true),
     ] {
         let mut sig = signal(kind).context("installing a signal handler")?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while sig.recv().await.is_some() {
-                if tx.send(event).is_err() {
+                let ev = if reload { Event::Reload } else { Event::Stop };
+                if tx.send(ev).is_err() {
                     break;
                 }
             }
         });
     }
-    drop(tx);
-
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Stop => break,
-            Event::Reload => {
-                let applied = Config::load(&path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|new| {
-                        state
-                            .apply(&mut dp, &new, &mut resolver)
-                            .map_err(anyhow::Error::from)
-                    });
-                match applied {
-                    Ok(s) => {
-                        for name in state
-                            .egress_interfaces()
-                            .map(str::to_owned)
-                            .collect::<Vec<_>>()
-                        {
-                            if !attached.contains(&name) {
-                                dp.attach(&name, mode)?;
-                                attached.push(name);
-                            }
-                        }
-                        tracing::info!(
-                            "reloaded {}: VIPs +{} -{}, backends +{} -{}, {} rings swapped",
-                            path.display(),
-                            s.vips_added,
-                            s.vips_removed,
-                            s.backends_added,
-                            s.backends_removed,
-                            s.rings_swapped
-                        );
-                    }
-                    Err(e) => tracing::error!(
-                        "reload of {} rejected, running configuration unchanged: {e:#}",
-                        path.display()
-                    ),
-                }
+    let health_fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = health_rx.recv().await {
+            if health_fwd.send(Event::Health(ev)).is_err() {
+                break;
             }
+        }
+    });
+    let server = tokio::spawn(server::serve(listener, tx.clone(), socket.clone()));
+    let metrics_task = if metrics_addr == "off" {
+        None
+    } else {
+        let listener = metrics::bind(&metrics_addr).await?;
+        tracing::info!("metrics on http://{metrics_addr}/metrics");
+        let tx = tx.clone();
+        Some(tokio::spawn(metrics::serve(listener, move || {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send(Event::Api(daemon::Request::Stats, reply))
+                .map_err(|_| "the daemon is shutting down".to_string())?;
+            let value = answer
+                .blocking_recv()
+                .map_err(|_| "the daemon is shutting down".to_string())?
+                .map_err(|f| f.message)?;
+            serde_json::from_value(value).map_err(|e| e.to_string())
+        })))
+    };
+    tracing::info!("control API on {}", socket.display());
+
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(Event::Api(req, reply)) => {
+                    let _ = reply.send(daemon.handle(req));
+                }
+                Some(Event::Reload) => daemon.on_reload_signal(),
+                Some(Event::Health(ev)) => daemon.on_health(ev),
+                Some(Event::Stop) | None => break,
+            },
+            _ = tick.tick() => daemon.tick(),
+            _ = sweep.tick() => daemon.sweep(),
         }
     }
 
-    let report = state.report(&dp).context("reading counters")?;
-    let reasons = dp.reason_counters().context("reading counters")?;
-    drop(dp);
-    tracing::info!("detached from {}", attached.join(", "));
+    server.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let stats = daemon.shutdown()?;
     match exit_stats {
         ExitStats::None => {}
-        ExitStats::Table => print_table(&report, &reasons),
-        ExitStats::Json => println!("{}", stats_json(&report, &reasons)),
+        ExitStats::Table => print_table(&stats),
+        ExitStats::Json => println!("{}", stats_json(&stats)),
     }
     Ok(())
 }
 
-fn stats_json(report: &[VipReport], reasons: &[(lb_common::Reason, u64)]) -> serde_json::Value {
+fn stats_json(stats: &api::Stats) -> serde_json::Value {
     json!({
-        "vips": report.iter().map(|v| json!({
-            "vip": v.label,
-            "packets": v.counters.packets,
-            "bytes": v.counters.bytes,
-            "new_flows": v.counters.new_flows,
-            "backends": v.backends.iter().map(|b| json!({
+        "vips": stats.vips.iter().map(|v| json!({
+            "vip": v.vip,
+            "packets": v.packets,
+            "bytes": v.bytes,
+            "new_flows": v.new_flows,
+            "active_connections": v.active_connections,
+            "backends": stats.backends.iter().filter(|b| b.vip == v.vip).map(|b| json!({
                 "address": b.address.to_string(),
                 "weight": b.weight,
-                "mac": b.mac.to_string(),
-                "packets": b.counters.packets,
-                "bytes": b.counters.bytes,
-                "new_flows": b.counters.new_flows,
+                "mac": b.mac,
+                "state": b.state,
+                "packets": b.packets,
+                "bytes": b.bytes,
+                "new_flows": b.new_flows,
+                "closed_flows": b.closed_flows,
+                "active_connections": b.active_connections,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "reasons": reasons.iter().map(|(r, n)| (r.name().to_string(), json!(n)))
-            .collect::<serde_json::Map<_, _>>(),
+        "reasons": stats.reasons,
     })
 }
 
-fn print_table(report: &[VipReport], reasons: &[(lb_common::Reason, u64)]) {
+fn print_table(stats: &api::Stats) {
     println!(
         "{:<28} {:<26} {:>6} {:>10} {:>12} {:>10}",
         "VIP", "BACKEND", "WEIGHT", "PACKETS", "BYTES", "NEW FLOWS"
     );
-    for v in report {
+    for v in &stats.vips {
         println!(
             "{:<28} {:<26} {:>6} {:>10} {:>12} {:>10}",
-            v.label, "(all)", "", v.counters.packets, v.counters.bytes, v.counters.new_flows
+            v.vip, "(all)", "", v.packets, v.bytes, v.new_flows
         );
-        for b in &v.backends {
+        for b in stats.backends.iter().filter(|b| b.vip == v.vip) {
             println!(
                 "{:<28} {:<26} {:>6} {:>10} {:>12} {:>10}",
-                "", b.address, b.weight, b.counters.packets, b.counters.bytes, b.counters.new_flows
+                "", b.address, b.weight, b.packets, b.bytes, b.new_flows
             );
         }
     }
-    let nonzero: Vec<String> = reasons
+    let nonzero: Vec<String> = stats
+        .reasons
         .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(r, n)| format!("{}={n}", r.name()))
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
         .collect();
     if !nonzero.is_empty() {
         println!("not load balanced: {}", nonzero.join(" "));

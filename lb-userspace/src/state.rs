@@ -1,30 +1,35 @@
-//! The daemon's view of what is programmed, and how a configuration is
-//! applied to the datapath without a packet ever seeing a half-made change.
+//! The daemon's view of what is programmed, and how a configuration plus
+//! the runtime state of each backend (health, drain) is applied to the
+//! datapath without a packet ever seeing a half-made change.
 //!
 //! Order of an apply:
 //! 1. resolve everything that can fail outside the maps (interfaces, MACs,
 //!    Maglev tables): a failure here leaves the datapath untouched;
-//! 2. write backend entries (new ids get a new generation);
+//! 2. write backend entries (new ids get a new generation), except entries
+//!    that are going down;
 //! 3. per VIP, write the ring the datapath is not reading, then flip the
 //!    VIP entry to it in one map update;
-//! 4. remove VIPs that are gone, then clear backend slots no ring uses.
+//! 4. mark backends that went down (their flows are now rescheduled on the
+//!    new rings, which no longer contain them);
+//! 5. remove VIPs that are gone, then clear backend slots no ring uses.
 //!
-//! Ids are stable across applies: a VIP (address, port, protocol) and a
-//! backend (VIP, address) keep their ids, so established flows keep
-//! matching their backend's generation.
+//! Ids are stable across applies and across daemon restarts (adoption): a
+//! VIP (address, port, protocol) and a backend (VIP, address) keep their
+//! ids and generations, so established flows keep their backend.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
-    maglev, Backend, Counters, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS,
-    VIP_F_AFFINITY_CLIENT_IP,
+    maglev, Backend, Counters, FlowKey, VipInfo, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINING,
+    FAMILY_V4, FLOW_F_CLOSED, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, VIP_F_AFFINITY_CLIENT_IP,
 };
 
 use crate::{
+    api::{self, BackendState, Health},
     config::{Affinity, Config, MacAddr, Vip},
     dataplane::{Dataplane, DataplaneError},
     netdev::{self, Interface, NetError},
@@ -74,41 +79,51 @@ struct VipSlot {
     table: Vec<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A backend's runtime state, kept across applies while it stays in the
+/// configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Runtime {
+    /// Set while draining: when it started.
+    pub draining_since: Option<Instant>,
+    /// Draining finished (no connection left, or the drain timeout).
+    pub drained: bool,
+    pub health: Health,
+}
+
+impl Runtime {
+    fn in_ring(&self, weight: u32) -> bool {
+        weight > 0 && self.draining_since.is_none() && self.health != Health::Down
+    }
+
+    fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.health == Health::Down {
+            f |= BACKEND_F_DOWN;
+        }
+        if self.draining_since.is_some() {
+            f |= BACKEND_F_DRAINING;
+        }
+        f
+    }
+
+    pub fn state(&self) -> BackendState {
+        if self.health == Health::Down {
+            BackendState::Down
+        } else if self.drained {
+            BackendState::Drained
+        } else if self.draining_since.is_some() {
+            BackendState::Draining
+        } else {
+            BackendState::Active
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
 struct BackendSlot {
     id: u32,
     entry: Backend,
-}
-
-/// Counters of one backend of one VIP, for reports.
-#[derive(Clone, Debug)]
-pub struct BackendReport {
-    pub address: IpAddr,
-    pub weight: u32,
-    pub mac: MacAddr,
-    pub counters: Counters,
-}
-
-#[derive(Clone, Debug)]
-pub struct VipReport {
-    pub label: String,
-    pub counters: Counters,
-    pub backends: Vec<BackendReport>,
-}
-
-#[derive(Default)]
-pub struct State {
-    config: Option<Config>,
-    vips: HashMap<VipKey, VipSlot>,
-    backends: HashMap<(VipKey, IpAddr), BackendSlot>,
-    free_vip_ids: Vec<u32>,
-    next_vip_id: u32,
-    free_backend_ids: Vec<u32>,
-    next_backend_id: u32,
-    next_generation: u32,
-    tx_ports: BTreeMap<u32, u32>,
-    /// Interfaces backends are reached through, other than the VIP one.
-    egress: BTreeMap<String, Interface>,
+    runtime: Runtime,
 }
 
 /// A backend of the new configuration, resolved but not yet given an id.
@@ -128,13 +143,67 @@ pub struct ApplySummary {
     pub backends_removed: usize,
 }
 
+/// Identifies a backend: its VIP and address.
+pub type BackendKey = (VipKey, IpAddr);
+
+#[derive(Default)]
+pub struct State {
+    config: Option<Config>,
+    vips: HashMap<VipKey, VipSlot>,
+    backends: HashMap<BackendKey, BackendSlot>,
+    free_vip_ids: Vec<u32>,
+    next_vip_id: u32,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    next_generation: u32,
+    tx_ports: BTreeMap<u32, u32>,
+    /// Interfaces backends are reached through, other than the VIP one.
+    egress: BTreeMap<String, Interface>,
+    ring: api::RingStats,
+}
+
 pub fn vip_key(vip: &Vip) -> VipKey {
     VipKey::new(vip.address, vip.port, vip.protocol.number())
+}
+
+fn ip_of(addr: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from(addr[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What the periodic sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepSummary {
+    pub scanned: usize,
+    pub expired: usize,
+    pub closed_removed: usize,
 }
 
 impl State {
     pub fn config(&self) -> Option<&Config> {
         self.config.as_ref()
+    }
+
+    pub fn ring_stats(&self) -> api::RingStats {
+        self.ring.clone()
     }
 
     /// Interfaces other than the VIP interface that backends sit behind; the
@@ -144,6 +213,68 @@ impl State {
         self.egress.keys().map(String::as_str)
     }
 
+    /// Rebuilds the id allocation from maps a previous daemon pinned, so the
+    /// next `apply` keeps every VIP id, backend id, generation and drain.
+    pub fn adopt(&mut self, dp: &Dataplane) -> Result<(), DataplaneError> {
+        let vips = dp.vip_entries()?;
+        let by_id: HashMap<u32, VipKey> = vips.iter().map(|(k, i)| (i.id, *k)).collect();
+        for (key, info) in vips {
+            // An empty table forces the first apply to write and flip the
+            // ring once, so the daemon's view and the map agree.
+            self.vips.insert(
+                key,
+                VipSlot {
+                    info,
+                    table: Vec::new(),
+                },
+            );
+            self.next_vip_id = self.next_vip_id.max(info.id + 1);
+        }
+        for id in 0..MAX_BACKENDS {
+            let entry = dp.backend(id)?;
+            if entry.generation == 0 {
+                continue;
+            }
+            let Some(vip) = by_id.get(&entry.vip_id) else {
+                continue;
+            };
+            let draining = entry.flags & BACKEND_F_DRAINING != 0;
+            self.backends.insert(
+                (*vip, ip_of(entry.addr, entry.family)),
+                BackendSlot {
+                    id,
+                    entry,
+                    runtime: Runtime {
+                        draining_since: draining.then(Instant::now),
+                        drained: false,
+                        health: if entry.flags & BACKEND_F_DOWN != 0 {
+                            Health::Down
+                        } else {
+                            Health::Unchecked
+                        },
+                    },
+                },
+            );
+            self.next_backend_id = self.next_backend_id.max(id + 1);
+            self.next_generation = self.next_generation.max(entry.generation);
+        }
+        let used_vips: Vec<u32> = self.vips.values().map(|v| v.info.id).collect();
+        self.free_vip_ids = (0..self.next_vip_id)
+            .filter(|i| !used_vips.contains(i))
+            .collect();
+        let used: Vec<u32> = self.backends.values().map(|b| b.id).collect();
+        self.free_backend_ids = (0..self.next_backend_id)
+            .filter(|i| !used.contains(i))
+            .collect();
+        self.tx_ports = dp
+            .tx_port_entries()
+            .into_iter()
+            .map(|(port, ifindex)| (ifindex, port))
+            .collect();
+        Ok(())
+    }
+
+    /// Applies a configuration (with every backend's runtime state).
     pub fn apply(
         &mut self,
         dp: &mut Dataplane,
@@ -166,6 +297,7 @@ impl State {
         let mut macs: HashMap<(IpAddr, String), MacAddr> = HashMap::new();
         let mut planned: Vec<(VipKey, &Vip, Vec<Planned>)> = Vec::new();
         for vip in &cfg.vips {
+            let key = vip_key(vip);
             let mut members = Vec::new();
             for b in &vip.backends {
                 let out_if = match &b.interface {
@@ -177,9 +309,16 @@ impl State {
                     }
                     _ => main_if.clone(),
                 };
-                let mac = match b.mac {
-                    Some(mac) => mac,
-                    None => {
+                // A backend already programmed keeps its MAC unless the file
+                // gives another: reloads do not wait on the neighbour table.
+                let known = self
+                    .backends
+                    .get(&(key, b.address))
+                    .filter(|s| s.entry.ifindex == out_if.ifindex)
+                    .map(|s| MacAddr(s.entry.dst_mac));
+                let mac = match (b.mac, known) {
+                    (Some(mac), _) | (None, Some(mac)) => mac,
+                    (None, None) => {
                         let k = (b.address, out_if.name.clone());
                         match macs.get(&k) {
                             Some(m) => *m,
@@ -191,12 +330,14 @@ impl State {
                         }
                     }
                 };
+                let (addr, family) = lb_common::addr_words(b.address);
                 let entry = Backend {
                     dst_mac: mac.0,
                     src_mac: out_if.mac.0,
                     ifindex: out_if.ifindex,
-                    tx_port: 0,
-                    generation: 0,
+                    addr,
+                    family,
+                    ..Backend::default()
                 };
                 members.push(Planned {
                     address: b.address,
@@ -204,7 +345,7 @@ impl State {
                     entry,
                 });
             }
-            planned.push((vip_key(vip), vip, members));
+            planned.push((key, vip, members));
         }
 
         // Tx ports for every egress interface (the VIP interface uses XDP_TX
@@ -213,29 +354,48 @@ impl State {
         let mut tx_ports = self.tx_ports.clone();
         for ifindex in std::iter::once(main_if.ifindex).chain(egress.values().map(|i| i.ifindex)) {
             if !tx_ports.contains_key(&ifindex) {
-                let port = tx_ports.len() as u32;
-                if port >= MAX_TX_PORTS {
-                    return Err(ApplyError::Exhausted {
+                let port = (0..MAX_TX_PORTS)
+                    .find(|p| !tx_ports.values().any(|used| used == p))
+                    .ok_or(ApplyError::Exhausted {
                         what: "egress interfaces",
                         limit: MAX_TX_PORTS,
-                    });
-                }
+                    })?;
                 tx_ports.insert(ifindex, port);
             }
         }
 
+        // Ring rebuild time: Maglev builds and map writes, not resolution.
+        let started = Instant::now();
         // Ids: keep existing ones, allocate the rest.
         let mut next_vip_id = self.next_vip_id;
         let mut free_vip_ids = self.free_vip_ids.clone();
         let mut next_backend_id = self.next_backend_id;
         let mut free_backend_ids = self.free_backend_ids.clone();
         let mut next_generation = self.next_generation;
-        let mut new_backends: HashMap<(VipKey, IpAddr), BackendSlot> = HashMap::new();
+        let mut new_backends: HashMap<BackendKey, BackendSlot> = HashMap::new();
         let mut new_vips: HashMap<VipKey, VipSlot> = HashMap::new();
         let mut summary = ApplySummary::default();
-        let mut to_write_backends = Vec::new();
+        // (id, entry, fresh id?)
+        let mut writes_before = Vec::new();
+        let mut writes_after = Vec::new();
         let mut to_swap = Vec::new();
         for (key, vip, members) in &planned {
+            let vip_id = match self.vips.get(key) {
+                Some(old) => old.info.id,
+                None => match free_vip_ids.pop() {
+                    Some(id) => id,
+                    None if next_vip_id < settings.max_vips => {
+                        next_vip_id += 1;
+                        next_vip_id - 1
+                    }
+                    None => {
+                        return Err(ApplyError::Exhausted {
+                            what: "VIP slots (datapath.max_vips)",
+                            limit: settings.max_vips,
+                        })
+                    }
+                },
+            };
             let mut maglev_members = Vec::with_capacity(members.len());
             for Planned {
                 address,
@@ -245,13 +405,39 @@ impl State {
             {
                 let mut entry = *entry;
                 entry.tx_port = tx_ports[&entry.ifindex];
+                entry.vip_id = vip_id;
+                let spec = vip
+                    .backends
+                    .iter()
+                    .find(|b| b.address == *address)
+                    .expect("planned from this VIP");
                 let slot = match self.backends.get(&(*key, *address)) {
                     Some(old) => {
+                        // Health follows the configuration: a check added (or
+                        // an adopted backend) starts up, a check removed
+                        // clears the health state.
+                        let mut runtime = old.runtime;
+                        runtime.health = match (spec.health.is_some(), runtime.health) {
+                            (true, Health::Unchecked) => Health::Up,
+                            (false, _) => Health::Unchecked,
+                            (true, h) => h,
+                        };
                         entry.generation = old.entry.generation;
+                        entry.flags = runtime.flags();
                         if old.entry != entry {
-                            to_write_backends.push((old.id, entry, false));
+                            let going_down = entry.flags & BACKEND_F_DOWN != 0
+                                && old.entry.flags & BACKEND_F_DOWN == 0;
+                            if going_down {
+                                writes_after.push((old.id, entry));
+                            } else {
+                                writes_before.push((old.id, entry, false));
+                            }
                         }
-                        BackendSlot { id: old.id, entry }
+                        BackendSlot {
+                            id: old.id,
+                            entry,
+                            runtime,
+                        }
                     }
                     None => {
                         let id = match free_backend_ids.pop() {
@@ -269,14 +455,30 @@ impl State {
                         };
                         next_generation = next_generation.wrapping_add(1).max(1);
                         entry.generation = next_generation;
-                        to_write_backends.push((id, entry, true));
+                        let runtime = Runtime {
+                            draining_since: None,
+                            drained: false,
+                            // Checked backends start up (see health.rs).
+                            health: if spec.health.is_some() {
+                                Health::Up
+                            } else {
+                                Health::Unchecked
+                            },
+                        };
+                        entry.flags = runtime.flags();
+                        writes_before.push((id, entry, true));
                         summary.backends_added += 1;
-                        BackendSlot { id, entry }
+                        BackendSlot { id, entry, runtime }
                     }
+                };
+                let effective = if slot.runtime.in_ring(*weight) {
+                    *weight
+                } else {
+                    0
                 };
                 maglev_members.push(maglev::Member {
                     identity: address.to_string().into_bytes(),
-                    weight: *weight,
+                    weight: effective,
                     id: slot.id,
                 });
                 new_backends.insert((*key, *address), slot);
@@ -309,21 +511,8 @@ impl State {
                     VipSlot { info, table }
                 }
                 None => {
-                    let id = match free_vip_ids.pop() {
-                        Some(id) => id,
-                        None if next_vip_id < settings.max_vips => {
-                            next_vip_id += 1;
-                            next_vip_id - 1
-                        }
-                        None => {
-                            return Err(ApplyError::Exhausted {
-                                what: "VIP slots (datapath.max_vips)",
-                                limit: settings.max_vips,
-                            })
-                        }
-                    };
                     let info = VipInfo {
-                        id,
+                        id: vip_id,
                         flags,
                         active_ring: 0,
                         _pad: 0,
@@ -342,7 +531,7 @@ impl State {
                 dp.set_tx_port(port, ifindex)?;
             }
         }
-        for (id, entry, fresh) in &to_write_backends {
+        for (id, entry, fresh) in &writes_before {
             if *fresh {
                 dp.reset_counters(None, Some(*id))?;
             }
@@ -357,12 +546,17 @@ impl State {
             }
             if let Some(table) = table {
                 dp.write_ring(info.id, info.active_ring, table)?;
-                summary.rings_swapped += usize::from(!is_new);
+                summary.rings_swapped += 1;
             }
             dp.set_vip(key, info)?;
         }
 
-        // 4. Removals: VIP entries first, then the backend slots.
+        // 4. Backends that went down: only now, with rings that exclude them.
+        for (id, entry) in &writes_after {
+            dp.set_backend(*id, entry)?;
+        }
+
+        // 5. Removals: VIP entries first, then the backend slots.
         for (key, slot) in &self.vips {
             if !new_vips.contains_key(key) {
                 dp.remove_vip(key)?;
@@ -378,6 +572,12 @@ impl State {
             }
         }
 
+        if summary.rings_swapped > 0 {
+            let took = started.elapsed().as_secs_f64();
+            self.ring.rebuilds += summary.rings_swapped as u64;
+            self.ring.rebuild_seconds_total += took;
+            self.ring.last_rebuild_seconds = took;
+        }
         self.vips = new_vips;
         self.backends = new_backends;
         self.free_vip_ids = free_vip_ids;
@@ -391,33 +591,213 @@ impl State {
         Ok(summary)
     }
 
-    /// Counters per VIP and backend, in configuration order.
-    pub fn report(&self, dp: &Dataplane) -> Result<Vec<VipReport>, DataplaneError> {
+    /// Re-applies the current configuration after a runtime state change.
+    fn reapply(
+        &mut self,
+        dp: &mut Dataplane,
+        resolver: &mut dyn Resolver,
+    ) -> Result<ApplySummary, ApplyError> {
+        let cfg = self
+            .config
+            .clone()
+            .expect("applied before any runtime change");
+        self.apply(dp, &cfg, resolver)
+    }
+
+    pub fn runtime(&self, key: &BackendKey) -> Option<Runtime> {
+        self.backends.get(key).map(|s| s.runtime)
+    }
+
+    /// Sets a backend's runtime state and reprograms. Returns false if the
+    /// backend does not exist.
+    pub fn set_runtime(
+        &mut self,
+        dp: &mut Dataplane,
+        resolver: &mut dyn Resolver,
+        key: &BackendKey,
+        update: impl FnOnce(&mut Runtime),
+    ) -> Result<bool, ApplyError> {
+        let Some(slot) = self.backends.get_mut(key) else {
+            return Ok(false);
+        };
+        let before = slot.runtime;
+        update(&mut slot.runtime);
+        if slot.runtime != before {
+            if let Err(e) = self.reapply(dp, resolver) {
+                if let Some(slot) = self.backends.get_mut(key) {
+                    slot.runtime = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Active connections of a backend: flows opened minus flows closed in
+    /// the datapath minus flows the daemon expired.
+    fn active(&self, dp: &Dataplane, id: u32, c: &Counters) -> Result<u64, DataplaneError> {
+        let expired = dp.backend_expired(id)?;
+        Ok(c.new_flows
+            .saturating_sub(c.closed_flows)
+            .saturating_sub(expired))
+    }
+
+    /// Draining backends with no connection left (or past the drain
+    /// timeout) become drained. Returns the ones that did.
+    pub fn finish_drains(
+        &mut self,
+        dp: &Dataplane,
+        now: Instant,
+    ) -> Result<Vec<BackendKey>, DataplaneError> {
+        let timeout = self
+            .config
+            .as_ref()
+            .map_or(Duration::from_secs(300), |c| c.drain_timeout);
+        let mut done = Vec::new();
+        let keys: Vec<BackendKey> = self.backends.keys().copied().collect();
+        for key in keys {
+            let (id, runtime) = {
+                let s = &self.backends[&key];
+                (s.id, s.runtime)
+            };
+            let Some(since) = runtime.draining_since else {
+                continue;
+            };
+            if runtime.drained {
+                continue;
+            }
+            let c = dp.backend_counters(id)?;
+            if self.active(dp, id, &c)? == 0 || now.duration_since(since) >= timeout {
+                if let Some(s) = self.backends.get_mut(&key) {
+                    s.runtime.drained = true;
+                }
+                done.push(key);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Expires idle flows and removes closed ones past their grace time.
+    /// An expired flow that was still open is counted against its backend's
+    /// active connections (once: only a successful delete counts).
+    pub fn sweep(
+        &mut self,
+        dp: &mut Dataplane,
+        now_ns: u64,
+    ) -> Result<SweepSummary, DataplaneError> {
+        let Some(cfg) = &self.config else {
+            return Ok(SweepSummary::default());
+        };
+        let t = cfg.timeouts;
+        let generations: HashMap<u32, u32> = self
+            .backends
+            .values()
+            .map(|s| (s.id, s.entry.generation))
+            .collect();
+        let mut summary = SweepSummary::default();
+        let mut expired: BTreeMap<u32, u64> = BTreeMap::new();
+        let flows: Vec<(FlowKey, lb_common::FlowValue)> = dp.flows();
+        summary.scanned = flows.len();
+        for (key, value) in flows {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns));
+            let closed = value.flags & FLOW_F_CLOSED != 0;
+            let limit = if closed {
+                t.tcp_closed
+            } else if key.proto == PROTO_TCP {
+                t.tcp_idle
+            } else {
+                t.udp_idle
+            };
+            // last_seen is refreshed at most once a second.
+            if idle <= limit + Duration::from_secs(1) || !dp.remove_flow(&key) {
+                continue;
+            }
+            if closed {
+                summary.closed_removed += 1;
+            } else {
+                summary.expired += 1;
+                if generations.get(&value.backend) == Some(&value.generation) {
+                    *expired.entry(value.backend).or_default() += 1;
+                }
+            }
+        }
+        for (id, n) in expired {
+            let total = dp.backend_expired(id)? + n;
+            dp.set_backend_expired(id, total)?;
+        }
+        Ok(summary)
+    }
+
+    /// Status of every backend, in configuration order, optionally of one VIP.
+    pub fn backend_statuses(
+        &self,
+        dp: &Dataplane,
+        only: Option<&VipKey>,
+    ) -> Result<Vec<api::BackendStatus>, DataplaneError> {
         let Some(cfg) = &self.config else {
             return Ok(Vec::new());
         };
+        let mut out = Vec::new();
+        for vip in &cfg.vips {
+            let key = vip_key(vip);
+            if only.is_some_and(|o| *o != key) {
+                continue;
+            }
+            for b in &vip.backends {
+                let slot = &self.backends[&(key, b.address)];
+                let c = dp.backend_counters(slot.id)?;
+                out.push(api::BackendStatus {
+                    vip: vip.label(),
+                    address: b.address,
+                    port: vip.port,
+                    weight: b.weight,
+                    state: slot.runtime.state(),
+                    health: slot.runtime.health,
+                    active_connections: self.active(dp, slot.id, &c)?,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    closed_flows: c.closed_flows + dp.backend_expired(slot.id)?,
+                    mac: MacAddr(slot.entry.dst_mac).to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn vip_statuses(&self, dp: &Dataplane) -> Result<Vec<api::VipStatus>, DataplaneError> {
+        let Some(cfg) = &self.config else {
+            return Ok(Vec::new());
+        };
+        let backends = self.backend_statuses(dp, None)?;
         cfg.vips
             .iter()
             .map(|vip| {
                 let key = vip_key(vip);
-                let counters = dp.vip_counters(self.vips[&key].info.id)?;
-                let backends = vip
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let slot = &self.backends[&(key, b.address)];
-                        Ok(BackendReport {
-                            address: b.address,
-                            weight: b.weight,
-                            mac: MacAddr(slot.entry.dst_mac),
-                            counters: dp.backend_counters(slot.id)?,
-                        })
-                    })
-                    .collect::<Result<_, DataplaneError>>()?;
-                Ok(VipReport {
-                    label: vip.label(),
-                    counters,
-                    backends,
+                let c = dp.vip_counters(self.vips[&key].info.id)?;
+                let label = vip.label();
+                let mine: Vec<&api::BackendStatus> =
+                    backends.iter().filter(|b| b.vip == label).collect();
+                Ok(api::VipStatus {
+                    vip: label.clone(),
+                    name: vip.name.clone(),
+                    address: vip.address,
+                    port: vip.port,
+                    protocol: vip.protocol.to_string(),
+                    affinity: match vip.affinity {
+                        Affinity::None => "none".into(),
+                        Affinity::ClientIp => "client-ip".into(),
+                    },
+                    backends: mine.len(),
+                    active_backends: vip
+                        .backends
+                        .iter()
+                        .filter(|b| self.backends[&(key, b.address)].runtime.in_ring(b.weight))
+                        .count(),
+                    active_connections: mine.iter().map(|b| b.active_connections).sum(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
                 })
             })
             .collect()

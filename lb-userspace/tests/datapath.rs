@@ -341,7 +341,7 @@ impl Harness {
         assert_ne!(egress_ifindex, 0);
 
         let cfg = Config::parse(CONFIG, "fixture config").expect("fixture config is valid");
-        let mut dp = Dataplane::load(cfg.datapath).expect("loading the XDP program");
+        let mut dp = Dataplane::load(cfg.datapath, None).expect("loading the XDP program");
         let mut state = State::default();
         let mut resolver = TestResolver { egress_ifindex };
         state
@@ -437,6 +437,8 @@ impl Harness {
                 &FlowValue {
                     backend,
                     generation,
+                    last_seen_ns: xdplb::state::monotonic_ns(),
+                    ..FlowValue::default()
                 },
             )
             .expect("insert flow");
@@ -952,12 +954,9 @@ fn first_packet_inserts_a_flow_and_counts_it_once() {
     );
     let flow = h.dp.flow(&flow4(CLIENT4, VIP4, 40000, 80, PROTO_TCP));
     assert_eq!(
-        flow,
-        Some(FlowValue {
-            backend: b1,
-            generation: gen
-        }),
-        "flow entry inserted"
+        flow.map(|f| (f.backend, f.generation, f.flags)),
+        Some((b1, gen, 0)),
+        "flow entry inserted, open"
     );
     let vip = h.dp.vip_counters(0).expect("counters");
     assert_eq!(vip.packets - vip_before.packets, 1);

@@ -1,0 +1,592 @@
+//! The running daemon: one task owns the datapath and the state; the API
+//! server, signal handlers, health checks and timers talk to it through a
+//! channel, so there is never a second writer to the maps.
+//!
+//! Runtime changes (VIPs and backends added, removed or re-weighted through
+//! the API) change the running configuration but not the file. They are
+//! listed by `status`, shown by `config show`, and a reload (SIGHUP or
+//! `xdplb reload`) refuses to discard them unless asked to
+//! (`--discard-runtime-changes`): no change is ever lost silently. Drain and
+//! health are operational state, not configuration: they survive reloads
+//! while the backend stays configured.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    api::{self, BackendAdd, BackendRef, Health, VipAdd, WeightChange},
+    config::{Config, ConfigError, RawBackend, RawVip, XdpMode},
+    dataplane::{Attached, Dataplane},
+    health::{self, CheckHandle, CheckSpec, HealthEvent},
+    state::{vip_key, BackendKey, State, SystemResolver},
+};
+
+/// A failed API request: HTTP status and a one-line message.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Failure {
+    fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+        }
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: message.into(),
+        }
+    }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: 409,
+            message: message.into(),
+        }
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self {
+            status: 500,
+            message: e.to_string(),
+        }
+    }
+}
+
+pub type Reply = Result<Value, Failure>;
+
+/// What the API can ask of the state owner.
+#[derive(Debug)]
+pub enum Request {
+    Status,
+    Stats,
+    Vips,
+    VipAdd(VipAdd),
+    VipDel { vip: String },
+    Backends { vip: Option<String> },
+    BackendAdd(BackendAdd),
+    BackendDel(BackendRef),
+    Weight(WeightChange),
+    Drain(BackendRef),
+    Undrain(BackendRef),
+    Config,
+    Reload { discard_runtime_changes: bool },
+}
+
+pub enum Event {
+    Api(Request, oneshot::Sender<Reply>),
+    Stop,
+    /// SIGHUP: reload without discarding runtime changes.
+    Reload,
+    Health(HealthEvent<BackendKey>),
+}
+
+pub struct Options {
+    pub config_path: PathBuf,
+    pub xdp_mode: Option<XdpMode>,
+    pub pin_dir: Option<PathBuf>,
+    pub persist: bool,
+    pub neighbour_timeout: Duration,
+}
+
+pub struct Daemon {
+    opts: Options,
+    dp: Dataplane,
+    state: State,
+    resolver: SystemResolver,
+    /// The configuration running now: the file plus runtime changes.
+    running: Config,
+    runtime_changes: Vec<String>,
+    checks: HashMap<BackendKey, CheckHandle>,
+    health_tx: mpsc::UnboundedSender<HealthEvent<BackendKey>>,
+    attached: Vec<String>,
+    mode: String,
+    started: Instant,
+}
+
+/// Parses `address:port/protocol` (IPv6 in brackets) into a VIP key.
+fn parse_vip(cfg: &Config, text: &str) -> Result<usize, Failure> {
+    cfg.vips
+        .iter()
+        .position(|v| v.label() == text || v.name.as_deref() == Some(text))
+        .ok_or_else(|| {
+            Failure::not_found(format!(
+                "no VIP {text} (VIPs are written address:port/protocol, e.g. 10.0.0.1:80/tcp or [2001:db8::1]:53/udp, or by name)"
+            ))
+        })
+}
+
+fn parse_ip(field: &str, text: &str) -> Result<IpAddr, Failure> {
+    text.parse()
+        .map_err(|_| Failure::bad(format!("{field}: {text:?} is not an IPv4 or IPv6 address")))
+}
+
+impl Daemon {
+    /// Loads (or adopts) the datapath, programs the file's configuration and
+    /// attaches.
+    pub fn start(
+        opts: Options,
+        health_tx: mpsc::UnboundedSender<HealthEvent<BackendKey>>,
+    ) -> Result<Daemon> {
+        let cfg = Config::load(&opts.config_path)?;
+        if let Some(dir) = &opts.pin_dir {
+            crate::bpffs::ensure_mounted(dir)?;
+        }
+        let mut dp = Dataplane::load(cfg.datapath, opts.pin_dir.as_deref()).context(
+            "loading the XDP program (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BPF)",
+        )?;
+        let mut state = State::default();
+        if dp.adopted() {
+            state.adopt(&dp).context("adopting the pinned datapath")?;
+        }
+        let mut resolver = SystemResolver {
+            neighbour_timeout: opts.neighbour_timeout,
+        };
+        // Program the tables before attaching, so the first packet finds them.
+        let summary = state
+            .apply(&mut dp, &cfg, &mut resolver)
+            .context("programming the initial configuration")?;
+        let mode = opts.xdp_mode.or(cfg.xdp_mode);
+        let mut attached = vec![cfg.interface.clone()];
+        let how = dp.attach(&cfg.interface, mode)?;
+        for name in state
+            .egress_interfaces()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+        {
+            dp.attach(&name, mode)?;
+            attached.push(name);
+        }
+        let mode = match how {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+            Attached::Replaced => "adopted",
+        }
+        .to_string();
+        tracing::info!(
+            "ready: attached to {} ({mode} mode), {} VIPs, {} backends, ring size {}{}",
+            attached.join(", "),
+            cfg.vips.len(),
+            cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
+            cfg.datapath.ring_size,
+            if dp.adopted() {
+                format!(
+                    "; adopted the pinned datapath in {} (flows and counters kept, {} new backends)",
+                    opts.pin_dir.as_ref().map_or(String::new(), |d| d.display().to_string()),
+                    summary.backends_added
+                )
+            } else {
+                String::new()
+            }
+        );
+        let mut d = Daemon {
+            opts,
+            dp,
+            state,
+            resolver,
+            running: cfg,
+            runtime_changes: Vec::new(),
+            checks: HashMap::new(),
+            health_tx,
+            attached,
+            mode,
+            started: Instant::now(),
+        };
+        d.sync_checks();
+        Ok(d)
+    }
+
+    /// Starts, keeps or stops health-check tasks to match the running
+    /// configuration.
+    fn sync_checks(&mut self) {
+        let mut wanted: HashMap<BackendKey, (IpAddr, CheckSpec)> = HashMap::new();
+        for vip in &self.running.vips {
+            for b in &vip.backends {
+                if let Some(spec) = &b.health {
+                    wanted.insert((vip_key(vip), b.address), (b.address, spec.clone()));
+                }
+            }
+        }
+        self.checks
+            .retain(|k, h| wanted.get(k).is_some_and(|(_, spec)| spec == h.spec()));
+        for (key, (addr, spec)) in wanted {
+            self.checks
+                .entry(key)
+                .or_insert_with(|| health::spawn(key, addr, spec, self.health_tx.clone()));
+        }
+    }
+
+    /// Applies `cfg` as the running configuration.
+    fn apply(&mut self, cfg: Config) -> Result<crate::state::ApplySummary, Failure> {
+        let summary = self
+            .state
+            .apply(&mut self.dp, &cfg, &mut self.resolver)
+            .map_err(|e| Failure::bad(format!("{:#}", anyhow::Error::from(e))))?;
+        for name in self
+            .state
+            .egress_interfaces()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+        {
+            if !self.attached.contains(&name) {
+                self.dp
+                    .attach(&name, self.opts.xdp_mode.or(cfg.xdp_mode))
+                    .map_err(|e| Failure::internal(format!("{:#}", anyhow::Error::from(e))))?;
+                self.attached.push(name);
+            }
+        }
+        self.running = cfg;
+        self.sync_checks();
+        Ok(summary)
+    }
+
+    /// A runtime change: edit the running configuration as the file would,
+    /// validate it like a file, apply it, and remember it.
+    fn change(
+        &mut self,
+        what: String,
+        edit: impl FnOnce(&mut crate::config::RawConfig) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let mut raw = self.running.to_raw();
+        edit(&mut raw)?;
+        let cfg = Config::from_raw(&raw, "runtime change").map_err(|e| match e {
+            ConfigError::Invalid { field, message, .. } => {
+                Failure::bad(format!("{field}: {message}"))
+            }
+            other => Failure::bad(other.to_string()),
+        })?;
+        self.apply(cfg)?;
+        tracing::info!("runtime change: {what}");
+        self.runtime_changes.push(what);
+        Ok(())
+    }
+
+    /// SIGHUP / `xdplb reload`.
+    fn reload(&mut self, discard_runtime_changes: bool) -> Result<String, Failure> {
+        let path = self.opts.config_path.display().to_string();
+        if !self.runtime_changes.is_empty() && !discard_runtime_changes {
+            return Err(Failure::conflict(format!(
+                "reload of {path} refused: {} runtime change(s) are not in the file ({}); \
+                 save them with `xdplb config show > {path}` and reload, or reload with \
+                 --discard-runtime-changes",
+                self.runtime_changes.len(),
+                self.runtime_changes.join("; ")
+            )));
+        }
+        let cfg = Config::load(&self.opts.config_path).map_err(|e| {
+            Failure::bad(format!(
+                "reload of {path} rejected, running configuration unchanged: {e}"
+            ))
+        })?;
+        let s = self.apply(cfg).map_err(|f| Failure {
+            message: format!(
+                "reload of {path} rejected, running configuration unchanged: {}",
+                f.message
+            ),
+            ..f
+        })?;
+        let discarded = std::mem::take(&mut self.runtime_changes);
+        Ok(format!(
+            "reloaded {path}: VIPs +{} -{}, backends +{} -{}, {} rings swapped{}",
+            s.vips_added,
+            s.vips_removed,
+            s.backends_added,
+            s.backends_removed,
+            s.rings_swapped,
+            if discarded.is_empty() {
+                String::new()
+            } else {
+                format!("; discarded runtime changes: {}", discarded.join("; "))
+            }
+        ))
+    }
+
+    fn backend_key(&self, vip: &str, address: &str) -> Result<BackendKey, Failure> {
+        let i = parse_vip(&self.running, vip)?;
+        let v = &self.running.vips[i];
+        let addr = parse_ip("address", address)?;
+        if !v.backends.iter().any(|b| b.address == addr) {
+            return Err(Failure::not_found(format!(
+                "backend {addr} is not in VIP {}",
+                v.label()
+            )));
+        }
+        Ok((vip_key(v), addr))
+    }
+
+    fn backend_json(&self, key: &BackendKey) -> Reply {
+        let statuses = self
+            .state
+            .backend_statuses(&self.dp, Some(&key.0))
+            .map_err(Failure::internal)?;
+        let b = statuses
+            .into_iter()
+            .find(|b| b.address == key.1)
+            .ok_or_else(|| Failure::not_found("backend vanished"))?;
+        serde_json::to_value(b).map_err(Failure::internal)
+    }
+
+    pub fn stats(&self) -> Result<api::Stats, Failure> {
+        Ok(api::Stats {
+            vips: self
+                .state
+                .vip_statuses(&self.dp)
+                .map_err(Failure::internal)?,
+            backends: self
+                .state
+                .backend_statuses(&self.dp, None)
+                .map_err(Failure::internal)?,
+            reasons: self
+                .dp
+                .reason_counters()
+                .map_err(Failure::internal)?
+                .into_iter()
+                .map(|(r, n)| (r.name().to_string(), n))
+                .collect(),
+            ring: self.state.ring_stats(),
+        })
+    }
+
+    pub fn handle(&mut self, req: Request) -> Reply {
+        match req {
+            Request::Status => {
+                let status = api::Status {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    pid: std::process::id(),
+                    uptime_seconds: self.started.elapsed().as_secs(),
+                    config_path: self.opts.config_path.display().to_string(),
+                    interfaces: self.attached.clone(),
+                    xdp_mode: self.mode.clone(),
+                    adopted: self.dp.adopted(),
+                    runtime_changes: self.runtime_changes.clone(),
+                    vips: self.running.vips.len(),
+                    backends: self.running.vips.iter().map(|v| v.backends.len()).sum(),
+                    flows: None,
+                    ring: self.state.ring_stats(),
+                };
+                to_json(&status)
+            }
+            Request::Stats => to_json(&self.stats()?),
+            Request::Vips => to_json(
+                &self
+                    .state
+                    .vip_statuses(&self.dp)
+                    .map_err(Failure::internal)?,
+            ),
+            Request::Backends { vip } => {
+                let only = match vip {
+                    Some(v) => Some(vip_key(&self.running.vips[parse_vip(&self.running, &v)?])),
+                    None => None,
+                };
+                to_json(
+                    &self
+                        .state
+                        .backend_statuses(&self.dp, only.as_ref())
+                        .map_err(Failure::internal)?,
+                )
+            }
+            Request::VipAdd(add) => {
+                let what = format!("vip add {}:{}/{}", add.address, add.port, add.protocol);
+                self.change(what, |raw| {
+                    raw.vips.push(RawVip {
+                        name: add.name.clone(),
+                        address: add.address.clone(),
+                        port: add.port,
+                        protocol: add.protocol.clone(),
+                        affinity: add.affinity.clone(),
+                        health_check: None,
+                        backends: Vec::new(),
+                    });
+                    Ok(())
+                })?;
+                let statuses = self
+                    .state
+                    .vip_statuses(&self.dp)
+                    .map_err(Failure::internal)?;
+                to_json(&statuses.last().cloned())
+            }
+            Request::VipDel { vip } => {
+                let i = parse_vip(&self.running, &vip)?;
+                let label = self.running.vips[i].label();
+                self.change(format!("vip del {label}"), |raw| {
+                    raw.vips.remove(i);
+                    Ok(())
+                })?;
+                Ok(json!({}))
+            }
+            Request::BackendAdd(add) => {
+                let i = parse_vip(&self.running, &add.vip)?;
+                let addr = parse_ip("address", &add.address)?;
+                let label = self.running.vips[i].label();
+                self.change(format!("backend add {label} {addr}"), |raw| {
+                    raw.vips[i].backends.push(RawBackend {
+                        address: add.address.clone(),
+                        weight: add.weight.unwrap_or(1),
+                        mac: add.mac.clone(),
+                        interface: None,
+                        health_check: None,
+                    });
+                    Ok(())
+                })?;
+                self.backend_json(&(vip_key(&self.running.vips[i]), addr))
+            }
+            Request::BackendDel(r) => {
+                let key = self.backend_key(&r.vip, &r.address)?;
+                let i = parse_vip(&self.running, &r.vip)?;
+                let label = self.running.vips[i].label();
+                self.change(format!("backend del {label} {}", key.1), |raw| {
+                    raw.vips[i]
+                        .backends
+                        .retain(|b| b.address.parse::<IpAddr>().ok() != Some(key.1));
+                    Ok(())
+                })?;
+                Ok(json!({}))
+            }
+            Request::Weight(w) => {
+                let key = self.backend_key(&w.vip, &w.address)?;
+                let i = parse_vip(&self.running, &w.vip)?;
+                let label = self.running.vips[i].label();
+                self.change(
+                    format!("backend weight {label} {} {}", key.1, w.weight),
+                    |raw| {
+                        for b in &mut raw.vips[i].backends {
+                            if b.address.parse::<IpAddr>().ok() == Some(key.1) {
+                                b.weight = w.weight;
+                            }
+                        }
+                        Ok(())
+                    },
+                )?;
+                self.backend_json(&key)
+            }
+            Request::Drain(r) => {
+                let key = self.backend_key(&r.vip, &r.address)?;
+                self.state
+                    .set_runtime(&mut self.dp, &mut self.resolver, &key, |rt| {
+                        if rt.draining_since.is_none() {
+                            rt.draining_since = Some(Instant::now());
+                            rt.drained = false;
+                        }
+                    })
+                    .map_err(|e| Failure::internal(format!("{:#}", anyhow::Error::from(e))))?;
+                tracing::info!("draining {} of {}", key.1, r.vip);
+                self.backend_json(&key)
+            }
+            Request::Undrain(r) => {
+                let key = self.backend_key(&r.vip, &r.address)?;
+                self.state
+                    .set_runtime(&mut self.dp, &mut self.resolver, &key, |rt| {
+                        rt.draining_since = None;
+                        rt.drained = false;
+                    })
+                    .map_err(|e| Failure::internal(format!("{:#}", anyhow::Error::from(e))))?;
+                tracing::info!("undrained {} of {}", key.1, r.vip);
+                self.backend_json(&key)
+            }
+            Request::Config => {
+                let yaml =
+                    serde_yaml::to_string(&self.running.to_raw()).map_err(Failure::internal)?;
+                Ok(json!({ "yaml": yaml }))
+            }
+            Request::Reload {
+                discard_runtime_changes,
+            } => {
+                let message = self.reload(discard_runtime_changes)?;
+                tracing::info!("{message}");
+                Ok(json!({ "message": message }))
+            }
+        }
+    }
+
+    pub fn on_reload_signal(&mut self) {
+        match self.reload(false) {
+            Ok(message) => tracing::info!("{message}"),
+            Err(f) => tracing::error!("{}", f.message),
+        }
+    }
+
+    pub fn on_health(&mut self, ev: HealthEvent<BackendKey>) {
+        let health = if ev.up { Health::Up } else { Health::Down };
+        match self
+            .state
+            .set_runtime(&mut self.dp, &mut self.resolver, &ev.key, |rt| {
+                rt.health = health
+            }) {
+            Ok(true) if ev.up => tracing::info!(
+                "backend {} is up, back in the ring: {}",
+                ev.key.1,
+                ev.reason
+            ),
+            Ok(true) => tracing::warn!(
+                "backend {} is down, out of the ring, its flows rescheduled: {}",
+                ev.key.1,
+                ev.reason
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                "applying health of {}: {:#}",
+                ev.key.1,
+                anyhow::Error::from(e)
+            ),
+        }
+    }
+
+    /// Periodic work: finished drains.
+    pub fn tick(&mut self) {
+        match self.state.finish_drains(&self.dp, Instant::now()) {
+            Ok(done) => {
+                for key in done {
+                    tracing::info!("backend {} drained", key.1);
+                }
+            }
+            Err(e) => tracing::error!("checking drains: {e}"),
+        }
+    }
+
+    /// Periodic work: flow-table sweep.
+    pub fn sweep(&mut self) {
+        match self.state.sweep(&mut self.dp, crate::state::monotonic_ns()) {
+            Ok(s) if s.expired + s.closed_removed > 0 => tracing::debug!(
+                "sweep: {} flows scanned, {} idle expired, {} closed removed",
+                s.scanned,
+                s.expired,
+                s.closed_removed
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!("sweeping the flow table: {e}"),
+        }
+    }
+
+    /// Stops: unpins (unless persisting) and detaches. Returns the final
+    /// counters.
+    pub fn shutdown(mut self) -> Result<api::Stats> {
+        let stats = self.stats().map_err(|f| anyhow::anyhow!(f.message))?;
+        self.checks.clear();
+        if let (true, Some(dir)) = (self.opts.persist, &self.opts.pin_dir) {
+            tracing::info!(
+                "exiting with the datapath pinned in {} (--persist): traffic keeps flowing; \
+                 the next `xdplb run` adopts it",
+                dir.display()
+            );
+        } else {
+            self.dp.unpin().context("removing pins")?;
+            tracing::info!("detached from {}", self.attached.join(", "));
+        }
+        drop(self.dp);
+        Ok(stats)
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Reply {
+    serde_json::to_value(value).map_err(Failure::internal)
+}
