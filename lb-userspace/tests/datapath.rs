@@ -18,6 +18,7 @@ use lb_common::{
     maglev, FlowKey, FlowValue, Reason, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
 };
 use xdplb::{
+    api::Health,
     config::{Config, MacAddr, Vip},
     dataplane::Dataplane,
     netdev::{Interface, NetError},
@@ -63,6 +64,9 @@ vips:
     address: 10.200.100.2
     port: 80
     protocol: tcp
+    # Checked, so a backend can be down (the tests set health by hand; no
+    # probe runs here).
+    health_check: { type: tcp }
     backends: &three
       - { address: 10.200.0.11, mac: '02:00:00:00:00:11' }
       - { address: 10.200.0.12, mac: '02:00:00:00:00:12' }
@@ -404,10 +408,18 @@ impl Harness {
         let members: Vec<maglev::Member> = v
             .backends
             .iter()
-            .map(|b| maglev::Member {
-                identity: b.address.to_string().into_bytes(),
-                weight: b.weight,
-                id: self.state.backend_id(v, b.address).expect("backend").0,
+            .map(|b| {
+                // Down or draining backends are out of the ring.
+                let rt = self
+                    .state
+                    .runtime(&(xdplb::state::vip_key(v), b.address))
+                    .expect("backend");
+                let in_ring = rt.health != Health::Down && rt.draining_since.is_none();
+                maglev::Member {
+                    identity: b.address.to_string().into_bytes(),
+                    weight: if in_ring { b.weight } else { 0 },
+                    id: self.state.backend_id(v, b.address).expect("backend").0,
+                }
             })
             .collect();
         let table = maglev::build(&members, RING_SIZE).expect("table");
@@ -1180,4 +1192,268 @@ fn removed_backend_flows_are_rescheduled_not_blackholed() {
             None,
         );
     }
+}
+
+// --------------------------------------------- connection accounting, state
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+fn tcp4_flags(dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    frame(
+        0x0800,
+        &ipv4(CLIENT4, dst, PROTO_TCP, 64, &[], &tcp(sport, dport, flags)),
+    )
+}
+
+/// (new_flows, closed_flows) of a backend.
+fn opened_closed(h: &Harness, id: u32) -> (u64, u64) {
+    let c = h.dp.backend_counters(id).expect("counters");
+    (c.new_flows, c.closed_flows)
+}
+
+#[test]
+fn fin_closes_a_flow_once_and_later_packets_stay() {
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    let sport = 50000;
+    h.run(&tcp4_flags(VIP4, sport, 80, TCP_SYN));
+    assert_eq!(opened_closed(&h, b1), (1, 0));
+    for (i, flags) in [TCP_FIN | TCP_ACK, TCP_FIN | TCP_ACK, TCP_ACK]
+        .iter()
+        .enumerate()
+    {
+        let (action, out) = h.run(&tcp4_flags(VIP4, sport, 80, *flags));
+        assert_eq!(action, XDP_TX, "packet {i} after FIN still forwarded");
+        assert_eq!(
+            out[0..6],
+            B1_MAC,
+            "packet {i} after FIN to the same backend"
+        );
+        assert_eq!(
+            opened_closed(&h, b1),
+            (1, 1),
+            "packet {i}: one flow, closed once (a retransmitted FIN counts nothing)"
+        );
+    }
+    let flow =
+        h.dp.flow(&flow4(CLIENT4, VIP4, sport, 80, PROTO_TCP))
+            .expect("entry kept for the last ACKs");
+    assert_eq!(
+        flow.flags & lb_common::FLOW_F_CLOSED,
+        lb_common::FLOW_F_CLOSED
+    );
+}
+
+#[test]
+fn syn_reusing_a_closed_tuple_is_a_new_flow() {
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    h.run(&tcp4_flags(VIP4, 50001, 80, TCP_SYN));
+    h.run(&tcp4_flags(VIP4, 50001, 80, TCP_RST));
+    assert_eq!(opened_closed(&h, b1), (1, 1));
+    h.run(&tcp4_flags(VIP4, 50001, 80, TCP_SYN));
+    assert_eq!(opened_closed(&h, b1), (2, 1), "the new connection is open");
+}
+
+#[test]
+fn rst_as_first_packet_opens_and_closes() {
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    let (action, _) = h.run(&tcp4_flags(VIP4, 50002, 80, TCP_RST | TCP_ACK));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(opened_closed(&h, b1), (1, 1), "never counted active");
+}
+
+#[test]
+fn udp_flows_are_never_closed_by_the_datapath() {
+    let mut h = Harness::new();
+    let (b2, _) = h.backend("single-udp", "10.200.0.12");
+    for _ in 0..3 {
+        h.run(&frame(
+            0x0800,
+            &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(50003, 53, b"q")),
+        ));
+    }
+    assert_eq!(opened_closed(&h, b2), (1, 0));
+}
+
+fn three_key(h: &Harness, addr: &str) -> xdplb::state::BackendKey {
+    (
+        xdplb::state::vip_key(h.vip("three")),
+        addr.parse().expect("address"),
+    )
+}
+
+#[test]
+fn flows_of_a_down_backend_move_and_are_counted_closed_once() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3: Vec<u16> = (51000..51400u16)
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .take(8)
+        .collect();
+    for &p in &on_b3 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    assert_eq!(opened_closed(&h, b3), (8, 0));
+    let key = three_key(&h, "10.200.0.13");
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    assert!(h
+        .state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
+            Health::Down)
+        .expect("mark down"));
+    for round in 0..2 {
+        for &p in &on_b3 {
+            let (action, out) = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK));
+            assert_eq!(action, XDP_TX);
+            assert_ne!(
+                out[0..6],
+                B3_MAC,
+                "round {round}: port {p} still sent to the down backend"
+            );
+            let flow = flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP);
+            assert_eq!(
+                out[0..6],
+                h.mac_of("three", h.reference_backend("three", &flow)),
+                "moved to the ring's answer without b3"
+            );
+        }
+    }
+    assert_eq!(
+        opened_closed(&h, b3),
+        (8, 8),
+        "each moved flow closed on b3 exactly once"
+    );
+    let moved: u64 = ["10.200.0.11", "10.200.0.12"]
+        .iter()
+        .map(|a| opened_closed(&h, h.backend("three", a).0).0)
+        .sum();
+    assert_eq!(moved, 8, "and opened once on the backends that took them");
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3: Vec<u16> = (52000..52400u16)
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .take(8)
+        .collect();
+    for &p in &on_b3 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    let key = three_key(&h, "10.200.0.13");
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    h.state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
+            rt.draining_since = Some(std::time::Instant::now())
+        })
+        .expect("drain");
+    for &p in &on_b3 {
+        let (_, out) = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK));
+        assert_eq!(
+            out[0..6],
+            B3_MAC,
+            "established flow from port {p} left the draining backend"
+        );
+    }
+    for p in 53000..53200u16 {
+        let (_, out) = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+        assert_ne!(
+            out[0..6],
+            B3_MAC,
+            "new flow from port {p} reached the draining backend"
+        );
+    }
+    assert_eq!(
+        opened_closed(&h, b3),
+        (8, 0),
+        "drain closes nothing by itself"
+    );
+}
+
+#[test]
+fn a_restarted_daemon_adopts_pinned_maps() {
+    require_root();
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/xdplb-test-adopt-{}",
+        std::process::id()
+    ));
+    xdplb::bpffs::ensure_mounted(&dir).expect("bpffs");
+    let mut h = Harness::new();
+    // Swap the harness's unpinned datapath for a pinned one.
+    let cfg = h.cfg.clone();
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("load pinned");
+    assert!(!h.dp.adopted());
+    h.state = State::default();
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    h.state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    let ids: Vec<(u32, u32)> = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+        .iter()
+        .map(|a| h.backend("three", a))
+        .collect();
+    let mut first = Vec::new();
+    for p in 54000..54032u16 {
+        first.push(h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN)).1[0..6].to_vec());
+    }
+    let packets_before = h.dp.vip_counters(2).expect("counters").packets;
+
+    // "Restart": a new datapath and state from the pins alone.
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("adopt");
+    assert!(h.dp.adopted());
+    h.state = State::default();
+    h.state.adopt(&h.dp).expect("adopt state");
+    let s = h
+        .state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    assert_eq!(s.backends_added, 0, "every backend adopted: {s:?}");
+    let ids_after: Vec<(u32, u32)> = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+        .iter()
+        .map(|a| h.backend("three", a))
+        .collect();
+    assert_eq!(ids, ids_after, "ids and generations kept");
+    assert!(
+        h.dp.vip_counters(2).expect("counters").packets >= packets_before,
+        "counters kept"
+    );
+    let before = h.total_new_flows();
+    for (i, p) in (54000..54032u16).enumerate() {
+        let out = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK)).1;
+        assert_eq!(
+            out[0..6],
+            first[i][..],
+            "flow from port {p} changed backend across the restart"
+        );
+    }
+    assert_eq!(
+        h.total_new_flows(),
+        before,
+        "flows were found in the adopted table"
+    );
+
+    // A daemon with other datapath settings refuses the pins.
+    let mut other = cfg.datapath;
+    other.flow_table_size *= 2;
+    let err = Dataplane::load(other, Some(&dir))
+        .err()
+        .expect("mismatch refused");
+    assert!(err.to_string().contains("max entries"), "{err}");
+
+    h.dp.unpin().expect("unpin");
+    assert!(!dir.exists(), "pins removed");
 }
