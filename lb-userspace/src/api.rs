@@ -24,6 +24,18 @@ pub enum BackendState {
     Down,
 }
 
+impl BackendState {
+    /// As the API (JSON) and metrics labels spell it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Drained => "drained",
+            BackendState::Down => "down",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {

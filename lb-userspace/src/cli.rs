@@ -17,8 +17,8 @@ use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::api::{
-    ApiError, BackendAdd, BackendRef, BackendState, BackendStatus, Health, Stats, Status, VipAdd,
-    VipStatus, WeightChange,
+    ApiError, BackendAdd, BackendRef, BackendStatus, Health, Stats, Status, VipAdd, VipStatus,
+    WeightChange,
 };
 
 /// How long one request may take, connection included. Generous: a reload
@@ -684,15 +684,6 @@ fn human_seconds(seconds: f64) -> String {
     }
 }
 
-fn state_name(state: BackendState) -> &'static str {
-    match state {
-        BackendState::Active => "active",
-        BackendState::Draining => "draining",
-        BackendState::Drained => "drained",
-        BackendState::Down => "down",
-    }
-}
-
 fn health_name(health: Health) -> &'static str {
     match health {
         Health::Unchecked => "-",
@@ -784,7 +775,7 @@ fn render_backends(backends: &[BackendStatus]) -> String {
             b.vip.clone(),
             b.address.to_string(),
             b.weight.to_string(),
-            state_name(b.state).to_owned(),
+            b.state.as_str().to_owned(),
             health_name(b.health).to_owned(),
             b.active_connections.to_string(),
             b.packets.to_string(),
@@ -907,6 +898,8 @@ fn render_stats(s: &Stats) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::api::BackendState;
+
     use std::{
         io::{BufRead as _, BufReader, Read as _},
         os::unix::net::UnixListener,

@@ -207,7 +207,7 @@ impl Collector for Snapshot {
                 STATES.map(|state| {
                     let labels = StateLabels {
                         backend: BackendLabels::of(b),
-                        state: state_name(state),
+                        state: state.as_str(),
                     };
                     (labels, ConstGauge::new(u32::from(b.state == state)))
                 })
@@ -366,16 +366,6 @@ const STATES: [BackendState; 4] = [
     BackendState::Drained,
     BackendState::Down,
 ];
-
-/// As the control API spells the state.
-fn state_name(state: BackendState) -> &'static str {
-    match state {
-        BackendState::Active => "active",
-        BackendState::Draining => "draining",
-        BackendState::Drained => "drained",
-        BackendState::Down => "down",
-    }
-}
 
 /// What the datapath did with a packet counted under `reason`; reason names
 /// carry it as their prefix (`lb_common::Reason::name`).
