@@ -106,6 +106,7 @@ pub struct Status {
     pub runtime_changes: Vec<String>,
     pub vips: usize,
     pub backends: usize,
+    /// Flow-table entries after the last sweep (every 2 s).
     pub flows: Option<u64>,
     pub ring: RingStats,
 }

@@ -112,6 +112,8 @@ pub struct Daemon {
     attached: Vec<String>,
     mode: String,
     started: Instant,
+    /// Flow-table entries seen by the last sweep.
+    flows: Option<u64>,
 }
 
 /// Parses `address:port/protocol` (IPv6 in brackets) into a VIP key.
@@ -201,6 +203,7 @@ impl Daemon {
             attached,
             mode,
             started: Instant::now(),
+            flows: None,
         };
         d.sync_checks();
         Ok(d)
@@ -371,7 +374,7 @@ impl Daemon {
                     runtime_changes: self.runtime_changes.clone(),
                     vips: self.running.vips.len(),
                     backends: self.running.vips.iter().map(|v| v.backends.len()).sum(),
-                    flows: None,
+                    flows: self.flows,
                     ring: self.state.ring_stats(),
                 };
                 to_json(&status)
@@ -556,13 +559,17 @@ impl Daemon {
     /// Periodic work: flow-table sweep.
     pub fn sweep(&mut self) {
         match self.state.sweep(&mut self.dp, crate::state::monotonic_ns()) {
-            Ok(s) if s.expired + s.closed_removed > 0 => tracing::debug!(
-                "sweep: {} flows scanned, {} idle expired, {} closed removed",
-                s.scanned,
-                s.expired,
-                s.closed_removed
-            ),
-            Ok(_) => {}
+            Ok(s) => {
+                self.flows = Some((s.scanned - s.expired - s.closed_removed) as u64);
+                if s.expired + s.closed_removed > 0 {
+                    tracing::debug!(
+                        "sweep: {} flows scanned, {} idle expired, {} closed removed",
+                        s.scanned,
+                        s.expired,
+                        s.closed_removed
+                    );
+                }
+            }
             Err(e) => tracing::error!("sweeping the flow table: {e}"),
         }
     }
