@@ -1,0 +1,162 @@
+//! Helper XDP programs for `xdplb-bench` (lb-userspace/src/bin/xdplb-bench.rs).
+//! Never loaded by the daemon; the load balancer itself is not here, only
+//! what measuring it needs:
+//!
+//! - `xlb_bench_reflect`: the reference a load balancer is compared with:
+//!   swap the MACs and send the frame back (XDP_TX).
+//! - `xlb_bench_reset` + `xlb_bench_tx`: with `repeat > 1`,
+//!   BPF_PROG_TEST_RUN hands the same buffer to every repetition. The reset
+//!   step gives each repetition a fresh 5-tuple, then tail-calls slot 0 of
+//!   `XLB_BENCH_JUMP`: the program under test, or `xlb_bench_tx` to measure
+//!   the reset step alone (then subtracted).
+//! - `xlb_bench_gen`: a traffic generator for live-frame test runs: every
+//!   frame is redirected to the interface in `XLB_BENCH_PORTS[0]`.
+//! - `xlb_bench_sink`: counts and drops what comes back.
+//!
+//! Map names and counter slots are mirrored in the host binary.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::mem;
+
+    use aya_ebpf::{
+        bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_TX},
+        helpers::bpf_get_smp_processor_id,
+        macros::{map, xdp},
+        maps::{DevMap, PerCpuArray, ProgramArray},
+        programs::XdpContext,
+    };
+    use lb_common::{PROTO_TCP, PROTO_UDP};
+    use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+    /// Slot 0: the program `xlb_bench_reset` hands each packet to.
+    #[map]
+    static XLB_BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+    /// Slot 0: the egress interface of `xlb_bench_gen`.
+    #[map]
+    static XLB_BENCH_PORTS: DevMap = DevMap::with_max_entries(1, 0);
+    /// Slot 0: repetitions seen by `xlb_bench_reset` on this CPU.
+    #[map]
+    static XLB_BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+    /// Frames per role: `COUNT_GEN` sent by the generator, `COUNT_SINK`
+    /// consumed by the sink.
+    #[map]
+    static XLB_BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    const COUNT_GEN: u32 = 0;
+    const COUNT_SINK: u32 = 1;
+    const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
+
+    #[inline(always)]
+    fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+        let start = ctx.data();
+        if start + offset + mem::size_of::<T>() > ctx.data_end() {
+            return None;
+        }
+        Some((start + offset) as *mut T)
+    }
+
+    #[inline(always)]
+    fn bump(slot: u32) {
+        if let Some(n) = XLB_BENCH_COUNT.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot, no other writer on this CPU.
+            unsafe { *n += 1 };
+        }
+    }
+
+    #[xdp]
+    pub fn xlb_bench_reflect(ctx: XdpContext) -> u32 {
+        let Some(eth) = ptr_at::<EthHdr>(&ctx, 0) else {
+            return XDP_ABORTED;
+        };
+        // SAFETY: ptr_at checked the header lies inside the packet.
+        unsafe { core::mem::swap(&mut (*eth).dst_addr, &mut (*eth).src_addr) };
+        XDP_TX
+    }
+
+    #[xdp]
+    pub fn xlb_bench_tx(_ctx: XdpContext) -> u32 {
+        XDP_TX
+    }
+
+    /// Rewrites the IPv4 source address and the L4 source port from this
+    /// CPU's repetition counter `n`: address 10.200.(n >> 8).(n), port
+    /// 0x8000 | cpu << 12 | (n >> 16), so 2^28 repetitions per CPU (and
+    /// runs on different CPUs) never repeat a 5-tuple. The IPv4 checksum is
+    /// left stale: the load balancer does not check it.
+    #[xdp]
+    pub fn xlb_bench_reset(ctx: XdpContext) -> u32 {
+        if reset(&ctx).is_none() {
+            return XDP_ABORTED;
+        }
+        // SAFETY: a tail call either does not return or fails; both are fine.
+        unsafe { XLB_BENCH_JUMP.tail_call(&ctx, 0) };
+        XDP_ABORTED
+    }
+
+    #[inline(always)]
+    fn reset(ctx: &XdpContext) -> Option<()> {
+        let eth = ptr_at::<EthHdr>(ctx, 0)?;
+        // SAFETY: ptr_at checked bounds.
+        if unsafe { (*eth).ether_type } != ETH_P_IPV4_BE {
+            return None;
+        }
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+        // SAFETY: ptr_at checked bounds.
+        let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        let ihl = usize::from(vihl & 0x0f);
+        if ihl < 5 {
+            return None;
+        }
+        // Source port: the first two bytes of both TCP and UDP headers.
+        let sport = ptr_at::<[u8; 2]>(ctx, EthHdr::LEN + ihl * 4)?;
+        let seq = XLB_BENCH_SEQ.get_ptr_mut(0)?;
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        let n = unsafe {
+            let n = *seq;
+            *seq = n + 1;
+            n
+        };
+        // SAFETY: a helper without preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        let port = 0x8000 | ((cpu & 0x7) << 12) as u16 | ((n >> 16) & 0x0fff) as u16;
+        // SAFETY: both pointers were bounds-checked above.
+        unsafe {
+            (*ip).src_addr = [10, 200, (n >> 8) as u8, n as u8];
+            *sport = port.to_be_bytes();
+        }
+        Some(())
+    }
+
+    #[xdp]
+    pub fn xlb_bench_gen(_ctx: XdpContext) -> u32 {
+        bump(COUNT_GEN);
+        XLB_BENCH_PORTS.redirect(0, 0).unwrap_or(XDP_ABORTED)
+    }
+
+    #[xdp]
+    pub fn xlb_bench_sink(_ctx: XdpContext) -> u32 {
+        bump(COUNT_SINK);
+        XDP_DROP
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that can reach this.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

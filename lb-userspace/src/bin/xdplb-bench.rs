@@ -1,0 +1,1300 @@
+//! `xdplb-bench`: microbenchmarks of the xdplb datapath, each beside a
+//! baseline measured in the same run.
+//!
+//! - `kernel`: ns/packet through BPF_PROG_TEST_RUN for an established TCP
+//!   flow, a new flow (miss, Maglev lookup, insert into a 2^20-entry flow
+//!   table), a packet to no VIP, and a MAC-swapping reflector.
+//! - `veth`: packets per second through a veth pair in a namespace of its
+//!   own, the load balancer against the reflector, driven by a live-frame
+//!   BPF_PROG_TEST_RUN generator.
+//! - `maglev`: Maglev table build time against filling a table.
+//!
+//! The load balancer is the production program and maps: loaded by
+//! `Dataplane::load` and programmed by `State::apply` from a YAML config.
+//! The helper programs (reflector, reset step, generator, sink) are the
+//! `lb-bench` object built from lb-ebpf/src/bench.rs.
+//!
+//! Each subcommand prints one JSON object on stdout and a summary on stderr.
+//! Needs root.
+
+use std::{
+    fs::File,
+    hint::black_box,
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::{Command as Process, ExitCode},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, ensure, Context as _, Result};
+use aya::{
+    maps::{DevMap, MapData, PerCpuArray, ProgramArray},
+    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    Ebpf,
+};
+use clap::{Parser, Subcommand};
+use lb_common::{maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP};
+use serde_json::{json, Value};
+use xdplb::{
+    config::{Config, MacAddr},
+    dataplane::Dataplane,
+    netdev::{self, Interface, NetError},
+    state::{Resolver, State},
+};
+
+/// The helper programs, built by build.rs (aya-build builds every binary
+/// of lb-ebpf).
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+
+/// Names in the `lb-bench` object (lb-ebpf/src/bench.rs).
+mod bench {
+    pub const REFLECT: &str = "xlb_bench_reflect";
+    pub const RESET: &str = "xlb_bench_reset";
+    pub const TX: &str = "xlb_bench_tx";
+    pub const GEN: &str = "xlb_bench_gen";
+    pub const SINK: &str = "xlb_bench_sink";
+    pub const PROGRAMS: [&str; 5] = [REFLECT, RESET, TX, GEN, SINK];
+
+    pub const JUMP: &str = "XLB_BENCH_JUMP";
+    pub const PORTS: &str = "XLB_BENCH_PORTS";
+    pub const COUNT: &str = "XLB_BENCH_COUNT";
+    /// `XLB_BENCH_COUNT` slots.
+    pub const COUNT_GEN: u32 = 0;
+    pub const COUNT_SINK: u32 = 1;
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0xc8, 0, 0x01];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0xc8, 0, 0x02];
+const CLIENT4: [u8; 4] = [10, 200, 0, 1];
+const VIP4: [u8; 4] = [10, 200, 100, 1];
+const NOT_VIP4: [u8; 4] = [10, 200, 100, 99];
+/// Flow table of the kernel benchmark: 2^20 entries, so one run of a
+/// million new flows fits and the next ones run at capacity.
+const FLOW_TABLE_SIZE: u32 = 1 << 20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// 1 VIP, 3 backends, the default ring size and VIP slots, 2^20 flows.
+/// `lo`: BPF_PROG_TEST_RUN reports the loopback device as ingress, so the
+/// backends are reached by XDP_TX.
+fn kernel_config() -> String {
+    format!(
+        "
+interface: lo
+datapath:
+  ring_size: {DEFAULT_RING_SIZE}
+  flow_table_size: {FLOW_TABLE_SIZE}
+vips:
+  - name: bench
+    address: 10.200.100.1
+    port: 80
+    protocol: tcp
+    backends:
+      - {{ address: 10.200.0.11, mac: '02:00:00:c8:00:11' }}
+      - {{ address: 10.200.0.12, mac: '02:00:00:c8:00:12' }}
+      - {{ address: 10.200.0.13, mac: '02:00:00:c8:00:13' }}
+"
+    )
+}
+
+const VETH_NETNS: &str = "xlb-bench-veth";
+const VETH_GEN: &str = "bgen";
+const VETH_LB: &str = "blb";
+const VETH_PORT: u16 = 53;
+const GEN_BATCH: u32 = 64;
+const GEN_CPU: usize = 0;
+const WARMUP: Duration = Duration::from_millis(300);
+/// Ethernet minimum without FCS is 60; 64 is the customary small frame.
+const VETH_FRAME_LEN: usize = 64;
+
+/// Microbenchmarks of the xdplb datapath (needs root). Each subcommand
+/// prints one JSON object on stdout and a summary on stderr.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Shorter runs (repeat 200000, 1 s per veth run); the number of runs
+    /// stays.
+    #[arg(long, global = true)]
+    quick: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// ns/packet through BPF_PROG_TEST_RUN: established TCP flow, new flow,
+    /// packet to no VIP, and the MAC-swapping reflector as reference.
+    Kernel {
+        /// Repetitions per test run (the kernel reports their average).
+        /// Default 1000000, 200000 with --quick.
+        #[arg(long)]
+        repeat: Option<u32>,
+        /// Runs per case, interleaved across cases.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+    },
+    /// Mpps over a veth pair in namespace `xlb-bench-veth`: the load
+    /// balancer against the reflector, fed by a live-frame generator on
+    /// CPU 0.
+    Veth {
+        /// Measured seconds per run. Default 3, 1 with --quick.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Runs per case, alternating load balancer and reflector.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+        /// Run blb's receive path (its XDP program) in a NAPI thread pinned
+        /// to this CPU. Default: softirq on the generator's CPU 0, so one
+        /// CPU does all the work and 1/rate is the cost per packet. (Split
+        /// across CPUs it was slower and noisier here: cross-CPU wakeups
+        /// and page recycling in a VM.)
+        #[arg(long, value_name = "CPU")]
+        napi_cpu: Option<usize>,
+    },
+    /// Maglev table build time (65537 slots) for 10, 100 and 1000 backends,
+    /// against allocating and filling the same table.
+    Maglev {
+        /// Runs per case, interleaved across cases.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XDPLB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Kernel { repeat, runs } => {
+            let repeat = repeat.unwrap_or(if cli.quick { 200_000 } else { 1_000_000 });
+            kernel(repeat, runs)
+        }
+        Command::Veth {
+            seconds,
+            runs,
+            napi_cpu,
+        } => {
+            let seconds = seconds.unwrap_or(if cli.quick { 1.0 } else { 3.0 });
+            veth(seconds, runs, napi_cpu)
+        }
+        Command::Maglev { runs } => maglev_bench(runs),
+    };
+    match result {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("a JSON value serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xdplb-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------- machine
+
+/// Facts about the machine, taken at start; `finish` adds the load at end.
+struct Machine {
+    kernel: String,
+    cpu_model: String,
+    nproc: usize,
+    loadavg_start: Vec<f64>,
+    /// (steal, total) jiffies over all CPUs at start.
+    steal_start: (u64, u64),
+}
+
+/// (steal, total) jiffies over all CPUs, from /proc/stat: in a VM, time
+/// the hypervisor gave to someone else.
+fn steal() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+}
+
+fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+impl Machine {
+    fn start() -> Machine {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "model name").then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        // SAFETY: sysconf has no preconditions.
+        let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        Machine {
+            kernel,
+            cpu_model,
+            nproc,
+            loadavg_start: loadavg(),
+            steal_start: steal(),
+        }
+    }
+
+    fn finish(&self) -> Value {
+        let ((s0, t0), (s1, t1)) = (self.steal_start, steal());
+        let steal_percent =
+            100.0 * s1.saturating_sub(s0) as f64 / t1.saturating_sub(t0).max(1) as f64;
+        json!({
+            "kernel": self.kernel,
+            "cpu_model": self.cpu_model,
+            "nproc": self.nproc,
+            "loadavg_start": self.loadavg_start,
+            "loadavg_end": loadavg(),
+            "steal_percent": round(steal_percent, 2),
+        })
+    }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pinning to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn rounded(values: &[f64], digits: i32) -> Vec<f64> {
+    values.iter().map(|&x| round(x, digits)).collect()
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "xdplb-bench needs root (BPF programs and maps, XDP, network namespaces)"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- packets
+
+fn csum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet + IPv4 (no options, valid checksum) + `l4`.
+fn frame4(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(34 + l4.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]); // id, DF
+    ip.extend_from_slice(&[64, proto, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A TCP segment without payload (checksum not filled: the datapath does
+/// not check it).
+fn tcp_frame(dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes());
+    h.extend_from_slice(&[5 << 4, flags]);
+    h.extend_from_slice(&64240u16.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    frame4(LB_MAC, CLIENT_MAC, CLIENT4, dst, PROTO_TCP, &h)
+}
+
+/// A UDP datagram padded to `len` bytes of frame.
+fn udp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], dport: u16, len: usize) -> Vec<u8> {
+    let payload = len.saturating_sub(14 + 20 + 8);
+    let mut h = Vec::with_capacity(8 + payload);
+    h.extend_from_slice(&40000u16.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]); // no checksum (allowed for UDP over IPv4)
+    h.resize(8 + payload, 0xab);
+    frame4(dst_mac, src_mac, CLIENT4, VIP4, PROTO_UDP, &h)
+}
+
+// ---------------------------------------------------------------- objects
+
+/// Interfaces given by name, MACs never resolved (every backend has its
+/// `mac:` in the config).
+struct FixedResolver(Vec<Interface>);
+
+impl Resolver for FixedResolver {
+    fn interface(&mut self, name: &str) -> Result<Interface, NetError> {
+        self.0
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+            .ok_or_else(|| NetError::NoInterface(name.into()))
+    }
+    fn mac(&mut self, address: IpAddr, interface: &str) -> Result<MacAddr, NetError> {
+        Err(NetError::Unresolved {
+            address,
+            interface: interface.into(),
+            waited_ms: 0,
+        })
+    }
+}
+
+/// The production datapath, programmed from `yaml`.
+fn load_lb(yaml: &str, resolver: &mut FixedResolver) -> Result<(Dataplane, State)> {
+    let cfg = Config::parse(yaml, "benchmark config").context("parsing the benchmark config")?;
+    let mut dp = Dataplane::load(cfg.datapath, None).context("loading the xdplb datapath")?;
+    let mut state = State::default();
+    state
+        .apply(&mut dp, &cfg, resolver)
+        .context("programming the benchmark config")?;
+    Ok((dp, state))
+}
+
+/// VIP counters summed over every VIP slot (the configs have one VIP).
+fn vip_totals(dp: &Dataplane) -> Result<Counters> {
+    let mut total = Counters::default();
+    for id in 0..dp.settings().max_vips {
+        total.add(&dp.vip_counters(id).context("reading VIP counters")?);
+    }
+    Ok(total)
+}
+
+/// The helper object with every program loaded (verified).
+struct BenchObject {
+    ebpf: Ebpf,
+}
+
+impl BenchObject {
+    fn load() -> Result<BenchObject> {
+        let mut ebpf = Ebpf::load(BENCH_OBJECT).context("loading the lb-bench object")?;
+        for name in bench::PROGRAMS {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} is missing from the lb-bench object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not XDP"))?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(BenchObject { ebpf })
+    }
+
+    fn program(&mut self, name: &str) -> &mut Xdp {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load")
+    }
+
+    fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &mut self,
+        name: &str,
+    ) -> Result<T> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or_else(|| anyhow!("map {name} is missing from the lb-bench object"))?;
+        T::try_from(map).with_context(|| format!("map {name}"))
+    }
+}
+
+fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64> {
+    Ok(map
+        .get(&slot, 0)
+        .context("reading bench counters")?
+        .iter()
+        .sum())
+}
+
+// ---------------------------------------------------------------- kernel
+
+/// One test run of `repeat` repetitions: the kernel's average per
+/// repetition, in (integer) ns. It excludes the fixed cost of the call
+/// (here ~15 ms: the kernel swaps its XDP dispatcher around each run), so
+/// it is also the right number for small `repeat`.
+fn time_run(program: &mut Xdp, packet: &[u8], repeat: u32, expect: u32, case: &str) -> Result<f64> {
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("{case}: BPF_PROG_TEST_RUN"))?;
+    ensure!(
+        result.return_value == expect,
+        "{case}: the program returned {} instead of {expect}",
+        result.return_value
+    );
+    Ok(result.duration.as_nanos() as f64)
+}
+
+fn case_json(ns: &[f64], reference: f64) -> Value {
+    let m = median(ns);
+    json!({
+        "ns_per_packet": ns,
+        "median": m,
+        "ratio_to_reference": round(m / reference, 3),
+    })
+}
+
+fn kernel(repeat: u32, runs: u32) -> Result<Value> {
+    require_root()?;
+    ensure!(repeat >= 1, "--repeat must be at least 1");
+    let machine = Machine::start();
+    // One CPU for every run: the reset step's counter is per CPU, and the
+    // cases share the same caches.
+    let cpu = machine.nproc - 1;
+    pin_thread(cpu)?;
+
+    let mut resolver = FixedResolver(vec![Interface {
+        name: "lo".into(),
+        ifindex: 1,
+        mac: MacAddr(LB_MAC),
+    }]);
+    let (mut dp, _state) = load_lb(&kernel_config(), &mut resolver)?;
+    let table_size = dp.settings().flow_table_size;
+    ensure!(
+        table_size >= FLOW_TABLE_SIZE,
+        "the flow table must hold at least {FLOW_TABLE_SIZE} entries"
+    );
+    let mut obj = BenchObject::load()?;
+    let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
+    let lb_fd = dp.program_mut().fd().context("xlb_lb fd")?.try_clone()?;
+    let tx_fd = obj
+        .program(bench::TX)
+        .fd()
+        .context("xlb_bench_tx fd")?
+        .try_clone()?;
+
+    let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
+    let new_flow = tcp_frame(VIP4, 40001, 80, TCP_SYN);
+    let not_vip = tcp_frame(NOT_VIP4, 40000, 80, TCP_ACK);
+
+    let (mut a, mut b, mut c, mut d, mut reset) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut flow_entries = Vec::new();
+    let mut new_flows_counted = Vec::new();
+    let mut evicting = Vec::new();
+    let mut inserted = 0u64;
+    let started = Instant::now();
+    for run in 1..=runs {
+        // (a) Established: the first packet creates the flow (again: the
+        // new-flow runs may have evicted it), the timed ones must all hit.
+        time_run(
+            dp.program_mut(),
+            &established,
+            1,
+            XDP_TX,
+            "established_tcp (first packet)",
+        )?;
+        let before = vip_totals(&dp)?;
+        a.push(time_run(
+            dp.program_mut(),
+            &established,
+            repeat,
+            XDP_TX,
+            "established_tcp",
+        )?);
+        let after = vip_totals(&dp)?;
+        ensure!(
+            after.packets - before.packets == u64::from(repeat)
+                && after.new_flows == before.new_flows,
+            "established_tcp: expected {repeat} packets and no new flow, counted {} packets and \
+             {} new flows",
+            after.packets - before.packets,
+            after.new_flows - before.new_flows
+        );
+
+        // (b) New flow: reset step -> xlb_lb, every repetition a new 5-tuple.
+        // Once the table is full, every insert also evicts.
+        evicting.push(inserted + 1 + u64::from(repeat) > u64::from(table_size));
+        jump.set(0, &lb_fd, 0).context("jump slot -> xlb_lb")?;
+        let before = vip_totals(&dp)?;
+        b.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "new_flow",
+        )?);
+        let after = vip_totals(&dp)?;
+        let counted = after.new_flows - before.new_flows;
+        ensure!(
+            counted == u64::from(repeat) && after.packets - before.packets == u64::from(repeat),
+            "new_flow: {repeat} repetitions but {counted} new flows and {} packets counted: \
+             not every repetition was a new flow",
+            after.packets - before.packets
+        );
+        new_flows_counted.push(counted);
+        inserted += counted;
+        // Every key, one syscall each: ~1 s for a full table, not timed.
+        let entries = dp.flow_count() as u64;
+        // The established flow is in the table too.
+        let expected = (inserted + 1).min(u64::from(table_size));
+        // An LRU at capacity may keep a little less than max_entries (it
+        // evicts ahead into per-CPU free lists).
+        ensure!(
+            entries as f64 >= 0.9 * expected as f64 && entries <= expected,
+            "new_flow: the flow table holds {entries} entries, expected about {expected}"
+        );
+        flow_entries.push(entries);
+
+        // (c) Not a VIP: parse, VIP miss, pass.
+        c.push(time_run(
+            dp.program_mut(),
+            &not_vip,
+            repeat,
+            XDP_PASS,
+            "non_vip_pass",
+        )?);
+
+        // (d) Reference: swap MACs, XDP_TX.
+        d.push(time_run(
+            obj.program(bench::REFLECT),
+            &established,
+            repeat,
+            XDP_TX,
+            "reference_reflect",
+        )?);
+
+        // The reset step alone: reset -> xlb_bench_tx.
+        jump.set(0, &tx_fd, 0)
+            .context("jump slot -> xlb_bench_tx")?;
+        let before = vip_totals(&dp)?;
+        reset.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "reset_only",
+        )?);
+        ensure!(
+            vip_totals(&dp)?.packets == before.packets,
+            "reset_only: the load balancer ran (the jump slot was not switched)"
+        );
+        let last = |v: &Vec<f64>| v[v.len() - 1];
+        eprintln!(
+            "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns), non_vip {} ns, \
+             reflect {} ns, flow table {entries} entries",
+            last(&a),
+            last(&b),
+            last(&reset),
+            last(&c),
+            last(&d),
+        );
+    }
+    let elapsed = started.elapsed();
+
+    let reference = median(&d);
+    let net: Vec<f64> = b.iter().zip(&reset).map(|(b, r)| b - r).collect();
+    let net_median = median(&net);
+    let mut new_flow_json = case_json(&b, reference);
+    new_flow_json["ratio_to_reference"] = json!(round(net_median / reference, 3));
+    new_flow_json["net_ns_per_packet"] = json!(net);
+    new_flow_json["net_median"] = json!(net_median);
+    new_flow_json["flow_entries_after"] = json!(flow_entries);
+    new_flow_json["new_flows_counted"] = json!(new_flows_counted);
+    new_flow_json["evicting"] = json!(evicting);
+    // Filling an empty table and replacing entries of a full one cost
+    // differently; --quick never fills it.
+    let net_where = |want: bool| {
+        let v: Vec<f64> = net
+            .iter()
+            .zip(&evicting)
+            .filter(|(_, &e)| e == want)
+            .map(|(&n, _)| n)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
+    new_flow_json["net_median_filling"] = json!(net_where(false));
+    new_flow_json["net_median_evicting"] = json!(net_where(true));
+
+    eprintln!(
+        "\nkernel: repeat {repeat}, {runs} runs on CPU {cpu} in {:.1} s; median ns/packet:",
+        elapsed.as_secs_f64()
+    );
+    for (name, ns) in [
+        ("established_tcp", Some(median(&a))),
+        ("new_flow (raw)", Some(median(&b))),
+        ("reset_only", Some(median(&reset))),
+        ("new_flow (net)", Some(net_median)),
+        ("  while filling", net_where(false)),
+        ("  while evicting", net_where(true)),
+        ("non_vip_pass", Some(median(&c))),
+        ("reference_reflect", Some(reference)),
+    ] {
+        let Some(ns) = ns else { continue };
+        eprintln!("  {name:<18} {ns:>6} ns  x{:.2} reference", ns / reference);
+    }
+
+    Ok(json!({
+        "benchmark": "kernel",
+        "machine": machine.finish(),
+        "method": "BPF_PROG_TEST_RUN, `repeat` repetitions per run; ns_per_packet is the \
+                   kernel's average per repetition (integer ns). Runs interleave the cases. \
+                   new_flow: xlb_bench_reset (fresh source address and port) tail-calls \
+                   xlb_lb; reset_only: the same reset tail-calls xlb_bench_tx; net = new_flow \
+                   - reset_only of the same run, and new_flow's ratio_to_reference uses it. \
+                   new_flow.evicting: the run filled the LRU flow table past capacity; \
+                   net_median_filling / net_median_evicting split the runs by it.",
+        "repeat": repeat,
+        "runs": runs,
+        "cpu": cpu,
+        "flow_table_size": table_size,
+        "elapsed_s": round(elapsed.as_secs_f64(), 2),
+        "cases": {
+            "established_tcp": case_json(&a, reference),
+            "new_flow": new_flow_json,
+            "non_vip_pass": case_json(&c, reference),
+            "reference_reflect": case_json(&d, reference),
+            "reset_only": case_json(&reset, reference),
+        },
+    }))
+}
+
+// ---------------------------------------------------------------- veth
+
+fn run_cmd(args: &[&str]) -> Result<()> {
+    let out = Process::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    ensure!(
+        out.status.success(),
+        "`{}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn setns(file: &File) -> io::Result<()> {
+    // SAFETY: a valid namespace file descriptor; affects this thread only.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A named network namespace this process created and the calling thread
+/// entered. Threads and commands started from this thread afterwards run
+/// in it. Dropping returns the thread home and deletes the namespace (and
+/// with it the veth pair).
+struct Netns {
+    name: &'static str,
+    home: File,
+}
+
+impl Netns {
+    fn create_and_enter(name: &'static str) -> Result<Netns> {
+        let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        if Path::new("/run/netns").join(name).exists() {
+            // Left by an interrupted run: the name is ours.
+            run_cmd(&["ip", "netns", "del", name])?;
+        }
+        run_cmd(&["ip", "netns", "add", name])?;
+        let ns = Netns { name, home };
+        let file = File::open(format!("/run/netns/{name}"))
+            .with_context(|| format!("opening netns {name}"))?;
+        setns(&file).with_context(|| format!("entering netns {name}"))?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.home) {
+            eprintln!("xdplb-bench: returning to the original netns: {e}");
+        }
+        if let Err(e) = run_cmd(&["ip", "netns", "del", self.name]) {
+            eprintln!("xdplb-bench: removing netns {}: {e:#}", self.name);
+        }
+    }
+}
+
+fn napi_threads(dev: &str) -> Vec<u32> {
+    let prefix = format!("napi/{dev}-");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        comm.starts_with(&prefix).then_some(pid)
+    })
+    .collect()
+}
+
+/// Moves `dev`'s receive processing (where its XDP program runs) into a
+/// NAPI kernel thread pinned to `cpu`, off the generator's CPU. veth has a
+/// NAPI instance outside XDP only with GRO on; sysfs is written through
+/// `ip netns exec`, which mounts the namespace's own /sys.
+fn thread_napi(dev: &str, cpu: usize) -> Result<()> {
+    run_cmd(&["ethtool", "-K", dev, "gro", "on"])?;
+    let before = napi_threads(dev);
+    run_cmd(&[
+        "ip",
+        "netns",
+        "exec",
+        VETH_NETNS,
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+    ])?;
+    let new: Vec<u32> = napi_threads(dev)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    let [pid] = new[..] else {
+        anyhow::bail!("expected one new NAPI thread for {dev}, found {new:?}");
+    };
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(
+            pid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &set,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("pinning NAPI thread {pid} of {dev} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    MacAddr(mac).to_string()
+}
+
+/// (busy, total) jiffies per CPU from /proc/stat.
+fn cpu_times() -> Vec<(u64, u64)> {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            // idle and iowait
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// One measured window of a veth run.
+struct VethSample {
+    /// Busy fraction of each CPU over the window.
+    cpu_busy: Vec<f64>,
+    /// Frames the generator sent.
+    offered: u64,
+    /// Frames that came back to the sink on `bgen`.
+    returned: u64,
+    /// Packets the load balancer counted on its VIP (LB runs only).
+    processed: Option<u64>,
+    seconds: f64,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {}
+
+/// Makes `STOP_SIGNAL` interrupt a running test run (BPF_PROG_TEST_RUN
+/// checks for pending signals between batches and returns EINTR) without
+/// killing the process.
+fn install_stop_signal() -> Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask;
+    // the handler does nothing, so it is async-signal-safe. No SA_RESTART.
+    let rc = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(STOP_SIGNAL, &action, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("installing the SIGUSR1 handler");
+    }
+    Ok(())
+}
+
+const STOP_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+fn is_eintr(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::SyscallError(s)
+        if s.io_error.raw_os_error() == Some(libc::EINTR))
+}
+
+/// Runs the generator on CPU 0 while the main thread measures `seconds`
+/// after a warm-up. The generator is one test run of up to 2^32 frames,
+/// stopped by a signal: each BPF_PROG_TEST_RUN call costs ~15 ms of fixed
+/// overhead here (the kernel swaps its XDP dispatcher), which must not
+/// fall inside the measured window.
+fn veth_window(
+    generator: &mut Xdp,
+    frame: &[u8],
+    seconds: f64,
+    counts: &PerCpuArray<MapData, u64>,
+    dp: Option<&Dataplane>,
+) -> Result<VethSample> {
+    let stop = AtomicBool::new(false);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    thread::scope(|scope| {
+        let stop = &stop;
+        let handle = scope.spawn(move || -> Result<()> {
+            pin_thread(GEN_CPU)?;
+            // SAFETY: pthread_self has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::pthread_self() });
+            while !stop.load(Ordering::SeqCst) {
+                match generator.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    repeat: u32::MAX,
+                    attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
+                    ..TestRunOptions::default()
+                }) {
+                    Ok(_) => {}
+                    Err(e) if is_eintr(&e) => {}
+                    Err(e) => {
+                        return Err(e).context(
+                            "generator: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES \
+                             (xlb_bench_gen redirecting into bgen)",
+                        )
+                    }
+                }
+            }
+            Ok(())
+        });
+        let tid = tid_rx.recv().ok();
+        let measured = (|| -> Result<VethSample> {
+            thread::sleep(WARMUP);
+            ensure!(
+                !handle.is_finished(),
+                "the generator stopped during warm-up"
+            );
+            let read = || -> Result<(u64, u64, Option<u64>, Instant)> {
+                let processed = dp.map(vip_totals).transpose()?.map(|c| c.packets);
+                Ok((
+                    per_cpu_sum(counts, bench::COUNT_GEN)?,
+                    per_cpu_sum(counts, bench::COUNT_SINK)?,
+                    processed,
+                    Instant::now(),
+                ))
+            };
+            let c0 = cpu_times();
+            let (g0, s0, p0, t0) = read()?;
+            let deadline = t0 + Duration::from_secs_f64(seconds);
+            while Instant::now() < deadline {
+                ensure!(!INTERRUPTED.load(Ordering::Relaxed), "interrupted");
+                ensure!(!handle.is_finished(), "the generator stopped early");
+                thread::sleep(Duration::from_millis(20).min(deadline - Instant::now()));
+            }
+            let (g1, s1, p1, t1) = read()?;
+            let cpu_busy = cpu_times()
+                .iter()
+                .zip(&c0)
+                .map(|(&(b1, t1), &(b0, t0))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+                .collect();
+            Ok(VethSample {
+                cpu_busy,
+                offered: g1 - g0,
+                returned: s1 - s0,
+                processed: p0.zip(p1).map(|(a, b)| b - a),
+                seconds: (t1 - t0).as_secs_f64(),
+            })
+        })();
+        stop.store(true, Ordering::SeqCst);
+        // Repeated: a signal that lands just before the thread enters the
+        // syscall interrupts nothing.
+        while !handle.is_finished() {
+            if let Some(tid) = tid {
+                // SAFETY: the thread is alive (not finished, and joined
+                // only below).
+                unsafe { libc::pthread_kill(tid, STOP_SIGNAL) };
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let generated = handle
+            .join()
+            .map_err(|_| anyhow!("the generator thread panicked"))?;
+        // The generator's own error explains an early stop best.
+        generated?;
+        measured
+    })
+}
+
+fn veth(seconds: f64, runs: u32, napi_cpu: Option<usize>) -> Result<Value> {
+    require_root()?;
+    ensure!(seconds > 0.0, "--seconds must be positive");
+    let machine = Machine::start();
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed));
+    install_stop_signal()?;
+
+    // Dropped last: everything below lives in the namespace.
+    let _netns = Netns::create_and_enter(VETH_NETNS)?;
+    let gen_mac = [0x02, 0, 0, 0xc8, 0x01, 0x01];
+    let lb_mac = [0x02, 0, 0, 0xc8, 0x01, 0x02];
+    run_cmd(&["ip", "link", "set", "lo", "up"])?;
+    run_cmd(&[
+        "ip",
+        "link",
+        "add",
+        VETH_GEN,
+        "address",
+        &mac_text(gen_mac),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        VETH_LB,
+        "address",
+        &mac_text(lb_mac),
+    ])?;
+    run_cmd(&["ip", "link", "set", VETH_GEN, "up"])?;
+    run_cmd(&["ip", "link", "set", VETH_LB, "up"])?;
+    if let Some(cpu) = napi_cpu {
+        thread_napi(VETH_LB, cpu)?;
+    }
+    let gen_if = netdev::interface(VETH_GEN)?;
+    let lb_if = netdev::interface(VETH_LB)?;
+
+    // One VIP, one backend: the generator's side, reached by XDP_TX.
+    let yaml = format!(
+        "
+interface: {VETH_LB}
+datapath:
+  ring_size: {DEFAULT_RING_SIZE}
+  flow_table_size: {FLOW_TABLE_SIZE}
+vips:
+  - name: bench
+    address: 10.200.100.1
+    port: {VETH_PORT}
+    protocol: udp
+    backends:
+      - {{ address: 10.200.0.1, mac: '{}' }}
+",
+        mac_text(gen_mac)
+    );
+    let mut resolver = FixedResolver(vec![lb_if.clone()]);
+    let (mut dp, _state) = load_lb(&yaml, &mut resolver)?;
+    let mut obj = BenchObject::load()?;
+    let mut ports: DevMap<MapData> = obj.take_map(bench::PORTS)?;
+    ports
+        .set(0, gen_if.ifindex, None, 0)
+        .context("generator port -> bgen")?;
+    let counts: PerCpuArray<MapData, u64> = obj.take_map(bench::COUNT)?;
+    // Frames XDP_TX'd by blb reach bgen only if bgen runs XDP: the sink
+    // counts and drops them.
+    obj.program(bench::SINK)
+        .attach(VETH_GEN, XdpMode::Driver)
+        .context("attaching the sink to bgen (native)")?;
+
+    let frame = udp_frame(lb_mac, gen_mac, VETH_PORT, VETH_FRAME_LEN);
+    let mut lb = Vec::new();
+    let mut reference = Vec::new();
+    let started = Instant::now();
+    for run in 1..=runs {
+        let link = dp
+            .program_mut()
+            .attach(VETH_LB, XdpMode::Driver)
+            .context("attaching xlb_lb to blb (native)")?;
+        let sample = veth_window(obj.program(bench::GEN), &frame, seconds, &counts, Some(&dp));
+        dp.program_mut().detach(link).context("detaching xlb_lb")?;
+        let sample = sample?;
+        ensure!(
+            sample.returned > 0 && sample.processed.unwrap_or(0) > 0,
+            "lb: no frame came back through the load balancer ({} offered, {} processed)",
+            sample.offered,
+            sample.processed.unwrap_or(0)
+        );
+        lb.push(sample);
+
+        let link = obj
+            .program(bench::REFLECT)
+            .attach(VETH_LB, XdpMode::Driver)
+            .context("attaching xlb_bench_reflect to blb (native)")?;
+        let sample = veth_window(obj.program(bench::GEN), &frame, seconds, &counts, None);
+        obj.program(bench::REFLECT)
+            .detach(link)
+            .context("detaching xlb_bench_reflect")?;
+        let sample = sample?;
+        ensure!(
+            sample.returned > 0,
+            "reference: no frame came back through the reflector ({} offered)",
+            sample.offered
+        );
+        reference.push(sample);
+        let mpps = |s: &VethSample| s.returned as f64 / s.seconds / 1e6;
+        let (l, r) = (&lb[lb.len() - 1], &reference[reference.len() - 1]);
+        eprintln!(
+            "run {run}/{runs}: lb {:.3} Mpps (offered {:.3}, CPUs busy {:?}), reference {:.3} \
+             Mpps (offered {:.3}, CPUs busy {:?})",
+            mpps(l),
+            l.offered as f64 / l.seconds / 1e6,
+            rounded(&l.cpu_busy, 2),
+            mpps(r),
+            r.offered as f64 / r.seconds / 1e6,
+            rounded(&r.cpu_busy, 2),
+        );
+    }
+    let elapsed = started.elapsed();
+
+    let rate = |v: &[VethSample], f: &dyn Fn(&VethSample) -> u64| -> Vec<f64> {
+        v.iter().map(|s| f(s) as f64 / s.seconds / 1e6).collect()
+    };
+    let lb_mpps = rate(&lb, &|s| s.returned);
+    let ref_mpps = rate(&reference, &|s| s.returned);
+    let (lb_median, ref_median) = (median(&lb_mpps), median(&ref_mpps));
+    let case = |samples: &[VethSample], mpps: &[f64], extra: Option<Vec<f64>>| {
+        let mut v = json!({
+            "mpps": rounded(mpps, 3),
+            "median": round(median(mpps), 3),
+            "offered_mpps": rounded(&rate(samples, &|s| s.offered), 3),
+            "seconds": rounded(&samples.iter().map(|s| s.seconds).collect::<Vec<_>>(), 3),
+            "cpu_busy": samples.iter().map(|s| rounded(&s.cpu_busy, 2)).collect::<Vec<_>>(),
+        });
+        if let Some(p) = extra {
+            v["processed_mpps"] = json!(rounded(&p, 3));
+            v["processed_median"] = json!(round(median(&p), 3));
+        }
+        v
+    };
+    let processed = rate(&lb, &|s| s.processed.unwrap_or(0));
+    // One CPU does everything only when NAPI runs in softirq beside the
+    // generator: then 1/rate is that CPU's time per packet.
+    let extra_ns = napi_cpu
+        .is_none()
+        .then(|| 1e3 / lb_median - 1e3 / ref_median);
+    eprintln!(
+        "\nveth: {runs} runs of {seconds} s in {:.1} s; median lb {lb_median:.3} Mpps, \
+         reference {ref_median:.3} Mpps, ratio {:.3}{}",
+        elapsed.as_secs_f64(),
+        lb_median / ref_median,
+        extra_ns.map_or(String::new(), |ns| format!(
+            ", the load balancer costs {ns:.0} ns/packet more"
+        ))
+    );
+    Ok(json!({
+        "benchmark": "veth",
+        "machine": machine.finish(),
+        "method": format!(
+            "netns {VETH_NETNS}, veth {VETH_GEN} <-> {VETH_LB}, native XDP on both. Generator: \
+             xlb_bench_gen run by BPF_PROG_TEST_RUN with live frames (batch {GEN_BATCH}, \
+             one call stopped by a signal) on CPU {GEN_CPU}, redirecting one {VETH_FRAME_LEN}-byte \
+             UDP frame to the VIP into {VETH_GEN}. On {VETH_LB} ({}): xlb_lb (1 VIP, 1 backend = \
+             {VETH_GEN}'s MAC, one flow: established path) or xlb_bench_reflect, both XDP_TX \
+             back to {VETH_GEN}, whose xlb_bench_sink counts and drops. mpps = frames counted \
+             by the sink per second, after a {} ms warm-up; processed_mpps = the VIP's packet \
+             counter; offered_mpps = frames the generator sent (veth drops what the receiver \
+             cannot take). With one CPU doing all the work (softirq mode), 1000 / mpps is \
+             its ns per packet, and lb_extra_ns_per_packet = 1000 / lb - 1000 / reference \
+             (medians).",
+            match napi_cpu {
+                Some(cpu) => format!("threaded NAPI pinned to CPU {cpu}"),
+                None => format!("NAPI in softirq on the generator's CPU {GEN_CPU}"),
+            },
+            WARMUP.as_millis()
+        ),
+        "generator_cpu": GEN_CPU,
+        "napi_cpu": napi_cpu.map_or(json!("softirq"), |c| json!(c)),
+        "seconds": seconds,
+        "runs": runs,
+        "frame_len": VETH_FRAME_LEN,
+        "elapsed_s": round(elapsed.as_secs_f64(), 2),
+        "cases": {
+            "lb": case(&lb, &lb_mpps, Some(processed)),
+            "reference_reflect": case(&reference, &ref_mpps, None),
+        },
+        "ratio_lb_to_reference": round(lb_median / ref_median, 3),
+        "lb_extra_ns_per_packet": extra_ns.map(|ns| round(ns, 1)),
+    }))
+}
+
+// ---------------------------------------------------------------- maglev
+
+fn maglev_bench(runs: u32) -> Result<Value> {
+    let machine = Machine::start();
+    let size = DEFAULT_RING_SIZE;
+    let sizes = [10u32, 100, 1000];
+    let members: Vec<Vec<maglev::Member>> = sizes
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|i| maglev::Member {
+                    identity: format!("10.200.{}.{}", i / 256, i % 256).into_bytes(),
+                    weight: 1,
+                    id: i,
+                })
+                .collect()
+        })
+        .collect();
+    let mut baseline = Vec::new();
+    let mut builds: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    // Untimed warm-up: the first allocation of a table faults its pages in.
+    for m in &members {
+        black_box(maglev::build(m, size).context("building a Maglev table")?);
+    }
+    let started = Instant::now();
+    for run in 1..=runs {
+        let t = Instant::now();
+        let mut table = vec![EMPTY_SLOT; size as usize];
+        for (i, slot) in table.iter_mut().enumerate() {
+            *slot = i as u32 % 10;
+        }
+        black_box(&table);
+        drop(table);
+        baseline.push(t.elapsed().as_secs_f64() * 1e6);
+        for (k, m) in members.iter().enumerate() {
+            let t = Instant::now();
+            let table = maglev::build(black_box(m), size).context("building a Maglev table")?;
+            builds[k].push(t.elapsed().as_secs_f64() * 1e6);
+            ensure!(
+                table.iter().all(|&id| id < sizes[k]),
+                "a Maglev table of {} backends has an empty slot",
+                sizes[k]
+            );
+        }
+        eprintln!(
+            "run {run}/{runs}: fill {:.1} us, {}",
+            baseline[baseline.len() - 1],
+            sizes
+                .iter()
+                .zip(&builds)
+                .map(|(n, b)| format!("{n} backends {:.1} us", b[b.len() - 1]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let base = median(&baseline);
+    let mut cases = serde_json::Map::new();
+    cases.insert(
+        "baseline_fill".into(),
+        json!({ "us": rounded(&baseline, 1), "median": round(base, 1) }),
+    );
+    eprintln!("\nmaglev build, {size} slots, {runs} runs, median:");
+    eprintln!("  {:<14} {base:>10.1} us", "fill (baseline)");
+    for (n, b) in sizes.iter().zip(&builds) {
+        let m = median(b);
+        eprintln!(
+            "  {:<14} {m:>10.1} us  x{:.0} baseline",
+            format!("{n} backends"),
+            m / base
+        );
+        cases.insert(
+            format!("backends_{n}"),
+            json!({
+                "us": rounded(b, 1),
+                "median": round(m, 1),
+                "ratio_to_baseline": round(m / base, 1),
+            }),
+        );
+    }
+    Ok(json!({
+        "benchmark": "maglev",
+        "machine": machine.finish(),
+        "method": "lb_common::maglev::build with equal weights; baseline_fill = allocate a \
+                   table of the same size and write every slot. Wall time in microseconds.",
+        "ring_size": size,
+        "runs": runs,
+        "elapsed_s": round(started.elapsed().as_secs_f64(), 2),
+        "cases": Value::Object(cases),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn frames_have_the_announced_length() {
+        assert_eq!(udp_frame(LB_MAC, CLIENT_MAC, 53, 64).len(), 64);
+        assert_eq!(tcp_frame(VIP4, 1, 80, TCP_ACK).len(), 54);
+    }
+}
