@@ -25,9 +25,15 @@ pub mod maps {
     /// backend id. Pinned with the rest, so a restarted daemon keeps the
     /// active-connection arithmetic right.
     pub const BACKEND_EXPIRED: &str = "XLB_BACKEND_EXPIRED";
+    /// Bitmap of `vip_filter_slot` of every VIP: most packets that are not
+    /// for a VIP are turned away by one array read, before any hash lookup.
+    pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
+    /// One `u64`: CLOCK_MONOTONIC in ns, written by the daemon every 250 ms.
+    /// Flow timestamps use it; `bpf_ktime_get_ns` costs ~28 ns a packet here.
+    pub const CLOCK: &str = "XLB_CLOCK";
 
     /// Every map, for pinning and adoption.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         VIPS,
         BACKENDS,
         RINGS,
@@ -37,6 +43,8 @@ pub mod maps {
         BACKEND_STATS,
         REASON_STATS,
         BACKEND_EXPIRED,
+        VIP_FILTER,
+        CLOCK,
     ];
 }
 
@@ -69,6 +77,22 @@ pub const MAX_TX_PORTS: u32 = 64;
 /// Entries of `XLB_REASON_STATS`; larger than the reason list so reasons can
 /// be appended without resizing a pinned map.
 pub const REASON_SLOTS: u32 = 32;
+/// `u64` words of `XLB_VIP_FILTER`: 65536 bits, so a few hundred VIPs leave
+/// it sparse.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The bit of `XLB_VIP_FILTER` for a VIP (address words and port in network
+/// order, as in `VipKey`). Shared by the datapath and the daemon.
+#[inline(always)]
+pub const fn vip_filter_slot(addr: &[u32; 4], port_be: u16, proto: u8) -> u32 {
+    let x = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ (((port_be as u32) << 8) | proto as u32);
+    x.wrapping_mul(0x9e37_79b1) >> 16
+}
+
 /// Ring slot value meaning "no backend" (a VIP whose backends all have
 /// weight 0, or none at all).
 pub const EMPTY_SLOT: u32 = u32::MAX;
@@ -147,6 +171,8 @@ pub struct Backend {
     /// The VIP this backend serves, and its address (network order, IPv4 in
     /// word 0): unused by the datapath, they let a restarted daemon adopt
     /// the table and keep every id and generation.
+    /// Also: a flow-table hit counts the packet for this VIP without a VIP
+    /// lookup.
     pub vip_id: u32,
     pub addr: [u32; 4],
     pub family: u8,
@@ -185,8 +211,8 @@ pub struct FlowValue {
     pub backend: u32,
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of a recent packet, within
-    /// `LAST_SEEN_GRANULARITY_NS`.
+    /// `XLB_CLOCK` (CLOCK_MONOTONIC ns, 250 ms steps) when a recent packet
+    /// was seen, within `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits.
     pub flags: u32,

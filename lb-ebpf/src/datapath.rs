@@ -2,17 +2,17 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     hash::{client_hash, flow_hash},
-    ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey, FlowValue, Reason, RingChunk,
-    VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS,
-    MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS, RING_CHUNK_SLOTS, VIP_F_AFFINITY_CLIENT_IP,
+    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowKey, FlowValue,
+    Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS,
+    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS, RING_CHUNK_SLOTS,
+    VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
 use network_types::{
     eth::EthHdr,
@@ -45,6 +45,10 @@ static XLB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON
 /// created and pinned with the others.
 #[map]
 static XLB_BACKEND_EXPIRED: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static XLB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+#[map]
+static XLB_CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 
 // Read-only globals, overridden by the loader (lb_common::globals).
 #[unsafe(no_mangle)]
@@ -352,27 +356,45 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     let flow = parsed.flow;
 
+    // Not a VIP's (address, port, protocol) bit: not for us, and no hash
+    // lookup spent on finding that out.
+    let bit = vip_filter_slot(&flow.dst, flow.dst_port_be, flow.proto);
+    let word = XLB_VIP_FILTER
+        .get(bit / 64)
+        .copied()
+        .ok_or(Reason::PassNotVip)?;
+    if word & (1u64 << (bit % 64)) == 0 {
+        return Err(Reason::PassNotVip);
+    }
     let vip_key = VipKey {
         addr: flow.dst,
         port_be: flow.dst_port_be,
         proto: flow.proto,
         family: flow.family,
     };
-    // SAFETY: copied out at once (see tracked_backend).
-    let vip = unsafe { XLB_VIPS.get(&vip_key) }
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
     if parsed.ttl <= 1 {
-        return Err(Reason::PassTtlExpired);
+        // SAFETY: only tested for presence.
+        let is_vip = unsafe { XLB_VIPS.get(&vip_key) }.is_some();
+        return Err(if is_vip {
+            Reason::PassTtlExpired
+        } else {
+            Reason::PassNotVip
+        });
     }
+    let now = XLB_CLOCK.get(0).copied().unwrap_or(0);
 
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (id, backend, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
-        Some((id, backend)) => (id, backend, false),
+    // An established flow needs no VIP lookup: its backend entry names the
+    // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
+    // through to the VIP lookup like a new one.
+    let (id, backend, vip_id, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
+        Some((id, backend)) => (id, backend, backend.vip_id, false),
         None => {
+            // SAFETY: copied out at once (see tracked_backend).
+            let vip = unsafe { XLB_VIPS.get(&vip_key) }
+                .copied()
+                .ok_or(Reason::PassNotVip)?;
             let (id, backend) = schedule(&vip, &flow, parsed.tcp_flags, now)?;
-            (id, backend, true)
+            (id, backend, vip.id, true)
         }
     };
 
@@ -392,7 +414,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
             .redirect(backend.tx_port, 0)
             .map_err(|_| Reason::DropRedirectFailed)?
     };
-    count(&XLB_VIP_STATS, vip.id, bytes, new_flow);
+    count(&XLB_VIP_STATS, vip_id, bytes, new_flow);
     count(&XLB_BACKEND_STATS, id, bytes, new_flow);
     Ok(action)
 }

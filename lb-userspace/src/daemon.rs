@@ -154,6 +154,9 @@ impl Daemon {
         let mut resolver = SystemResolver {
             neighbour_timeout: opts.neighbour_timeout,
         };
+        let now = crate::state::monotonic_ns();
+        dp.set_clock(now)?;
+        state.set_clock_floor(now);
         // Program the tables before attaching, so the first packet finds them.
         let summary = state
             .apply(&mut dp, &cfg, &mut resolver)
@@ -544,8 +547,11 @@ impl Daemon {
         }
     }
 
-    /// Periodic work: finished drains.
+    /// Periodic work: the datapath clock, finished drains.
     pub fn tick(&mut self) {
+        if let Err(e) = self.dp.set_clock(crate::state::monotonic_ns()) {
+            tracing::error!("{e}");
+        }
         match self.state.finish_drains(&self.dp, Instant::now()) {
             Ok(done) => {
                 for key in done {

@@ -19,7 +19,7 @@ use aya::{
 use lb_common::{
     globals, maps, programs, ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey,
     FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS, REASON_SLOTS,
-    RING_CHUNK_SLOTS,
+    RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
 };
 
 use crate::config::{DatapathSettings, XdpMode};
@@ -118,6 +118,8 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
         maps::BACKEND_STATS => (4, sz(size_of::<Counters>()), MAX_BACKENDS),
         maps::REASON_STATS => (4, 8, REASON_SLOTS),
         maps::BACKEND_EXPIRED => (4, 8, MAX_BACKENDS),
+        maps::VIP_FILTER => (4, 8, VIP_FILTER_WORDS),
+        maps::CLOCK => (4, 8, 1),
         other => unreachable!("map {other} has no expected layout"),
     }
 }
@@ -133,6 +135,8 @@ pub struct Dataplane {
     /// Pinned XDP links this daemon owns.
     links: Vec<PathBuf>,
     backend_expired: Array<MapData, u64>,
+    vip_filter: Array<MapData, u64>,
+    clock: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
@@ -213,6 +217,8 @@ impl Dataplane {
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
             reason_stats: take_map!(ebpf, maps::REASON_STATS),
             backend_expired: take_map!(ebpf, maps::BACKEND_EXPIRED),
+            vip_filter: take_map!(ebpf, maps::VIP_FILTER),
+            clock: take_map!(ebpf, maps::CLOCK),
             ebpf,
         })
     }
@@ -408,6 +414,23 @@ impl Dataplane {
         (0..MAX_TX_PORTS)
             .filter_map(|port| self.tx_ports.get(port, 0).ok().map(|v| (port, v.if_index)))
             .collect()
+    }
+
+    pub fn set_vip_filter_word(&mut self, index: u32, word: u64) -> Result<(), DataplaneError> {
+        self.vip_filter
+            .set(index, word, 0)
+            .map_err(map_err(format!("writing VIP filter word {index}")))
+    }
+
+    /// The datapath's clock (see `lb_common::maps::CLOCK`).
+    pub fn clock(&self) -> Result<u64, DataplaneError> {
+        self.clock.get(&0, 0).map_err(map_err("reading the datapath clock"))
+    }
+
+    pub fn set_clock(&mut self, now_ns: u64) -> Result<(), DataplaneError> {
+        self.clock
+            .set(0, now_ns, 0)
+            .map_err(map_err("writing the datapath clock"))
     }
 
     pub fn backend_expired(&self, id: u32) -> Result<u64, DataplaneError> {

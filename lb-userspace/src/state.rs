@@ -24,8 +24,9 @@ use std::{
 };
 
 use lb_common::{
-    maglev, Backend, Counters, FlowKey, VipInfo, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINING,
-    FAMILY_V4, FLOW_F_CLOSED, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, VIP_F_AFFINITY_CLIENT_IP,
+    maglev, vip_filter_slot, Backend, Counters, FlowKey, VipInfo, VipKey, BACKEND_F_DOWN,
+    BACKEND_F_DRAINING, FAMILY_V4, FLOW_F_CLOSED, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP,
+    VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
 
 use crate::{
@@ -160,6 +161,21 @@ pub struct State {
     /// Interfaces backends are reached through, other than the VIP one.
     egress: BTreeMap<String, Interface>,
     ring: api::RingStats,
+    /// `XLB_VIP_FILTER` as written.
+    filter: Vec<u64>,
+    /// Flows last seen before this (CLOCK_MONOTONIC ns) count as seen at
+    /// it: the datapath clock stands still while no daemon runs, so a flow
+    /// adopted from pins is not expired for the time nobody was watching.
+    clock_floor: u64,
+}
+
+fn filter_bitmap<'a>(keys: impl Iterator<Item = &'a VipKey>) -> Vec<u64> {
+    let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    for k in keys {
+        let bit = vip_filter_slot(&k.addr, k.port_be, k.proto);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
 }
 
 pub fn vip_key(vip: &Vip) -> VipKey {
@@ -200,6 +216,11 @@ pub struct SweepSummary {
 impl State {
     pub fn config(&self) -> Option<&Config> {
         self.config.as_ref()
+    }
+
+    /// See `clock_floor`: call when the daemon starts.
+    pub fn set_clock_floor(&mut self, now_ns: u64) {
+        self.clock_floor = now_ns;
     }
 
     pub fn ring_stats(&self) -> api::RingStats {
@@ -538,6 +559,17 @@ impl State {
             dp.set_backend(*id, entry)?;
         }
 
+        // The VIP filter lets traffic of new VIPs in before their entries
+        // exist (a miss there just passes), and keeps removed VIPs' bits
+        // until their entries are gone.
+        let filter = filter_bitmap(new_vips.keys());
+        self.filter.resize(VIP_FILTER_WORDS as usize, 0);
+        for (i, (old, new)) in self.filter.iter().zip(&filter).enumerate() {
+            if old | new != *old {
+                dp.set_vip_filter_word(i as u32, old | new)?;
+            }
+        }
+
         // 3. Rings: write the inactive ring, then flip.
         for (key, info, table) in &to_swap {
             let is_new = !self.vips.contains_key(key);
@@ -571,6 +603,13 @@ impl State {
                 summary.backends_removed += 1;
             }
         }
+
+        for (i, (old, new)) in self.filter.iter().zip(&filter).enumerate() {
+            if old | new != *new {
+                dp.set_vip_filter_word(i as u32, *new)?;
+            }
+        }
+        self.filter = filter;
 
         if summary.rings_swapped > 0 {
             let took = started.elapsed().as_secs_f64();
@@ -699,7 +738,8 @@ impl State {
         let flows: Vec<(FlowKey, lb_common::FlowValue)> = dp.flows();
         summary.scanned = flows.len();
         for (key, value) in flows {
-            let idle = Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns));
+            let seen = value.last_seen_ns.max(self.clock_floor);
+            let idle = Duration::from_nanos(now_ns.saturating_sub(seen));
             let closed = value.flags & FLOW_F_CLOSED != 0;
             let limit = if closed {
                 t.tcp_closed

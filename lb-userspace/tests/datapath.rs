@@ -1457,3 +1457,51 @@ fn a_restarted_daemon_adopts_pinned_maps() {
     h.dp.unpin().expect("unpin");
     assert!(!dir.exists(), "pins removed");
 }
+
+#[test]
+fn removing_a_vip_stops_its_established_flows_at_once() {
+    let mut h = Harness::new();
+    // An established flow on the VIP, then the VIP leaves the configuration.
+    let (action, _) = h.run(&tcp4_flags(VIP4, 55000, 80, TCP_SYN));
+    assert_eq!(action, XDP_TX);
+    let mut cfg = h.cfg.clone();
+    cfg.vips.retain(|v| v.name.as_deref() != Some("single-tcp"));
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    let s = h
+        .state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    assert_eq!(s.vips_removed, 1);
+    h.cfg = cfg;
+    for (what, packet) in [
+        ("established flow", tcp4_flags(VIP4, 55000, 80, TCP_ACK)),
+        ("new flow", tcp4_flags(VIP4, 55001, 80, TCP_SYN)),
+    ] {
+        check(
+            &mut h,
+            what,
+            &packet,
+            Expect::Pass(Reason::PassNotVip),
+            None,
+            None,
+        );
+    }
+    // The UDP VIP on the same address is untouched.
+    let udp = frame(
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(55002, 53, b"q")),
+    );
+    check(
+        &mut h,
+        "the address's other VIP",
+        &udp,
+        Expect::Tx {
+            to: Target::Mac(B2_MAC),
+            new_flow: true,
+        },
+        None,
+        None,
+    );
+}
