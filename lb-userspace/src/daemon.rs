@@ -65,6 +65,9 @@ impl Failure {
 
 pub type Reply = Result<Value, Failure>;
 
+/// Shortest time between two flow-table sweeps.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+
 /// What the API can ask of the state owner.
 #[derive(Debug)]
 pub enum Request {
@@ -562,8 +565,12 @@ impl Daemon {
         }
     }
 
-    /// Periodic work: flow-table sweep.
-    pub fn sweep(&mut self) {
+    /// Periodic work: flow-table sweep. Returns how long to wait before the
+    /// next one: every 2 s, or ten times the sweep's own duration when the
+    /// table is large (reading it costs two syscalls an entry), so the sweep
+    /// never takes more than a tenth of a core.
+    pub fn sweep(&mut self) -> Duration {
+        let started = Instant::now();
         match self.state.sweep(&mut self.dp, crate::state::monotonic_ns()) {
             Ok(s) => {
                 self.flows = Some((s.scanned - s.expired - s.closed_removed) as u64);
@@ -578,6 +585,7 @@ impl Daemon {
             }
             Err(e) => tracing::error!("sweeping the flow table: {e}"),
         }
+        (started.elapsed() * 10).max(SWEEP_INTERVAL)
     }
 
     /// Stops: unpins (unless persisting) and detaches. Returns the final

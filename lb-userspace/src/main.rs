@@ -211,7 +211,8 @@ async fn run(
     tracing::info!("control API on {}", socket.display());
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    let sweep = tokio::time::sleep(daemon::SWEEP_INTERVAL);
+    tokio::pin!(sweep);
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -223,7 +224,10 @@ async fn run(
                 Some(Event::Stop) | None => break,
             },
             _ = tick.tick() => daemon.tick(),
-            _ = sweep.tick() => daemon.sweep(),
+            () = &mut sweep => {
+                let wait = daemon.sweep();
+                sweep.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
         }
     }
 
