@@ -509,11 +509,16 @@ impl Daemon {
             }
             Request::Reload {
                 discard_runtime_changes,
-            } => {
-                let message = self.reload(discard_runtime_changes)?;
-                tracing::info!("{message}");
-                Ok(json!({ "message": message }))
-            }
+            } => match self.reload(discard_runtime_changes) {
+                Ok(message) => {
+                    tracing::info!("{message}");
+                    Ok(json!({ "message": message }))
+                }
+                Err(f) => {
+                    tracing::error!("{}", f.message);
+                    Err(f)
+                }
+            },
         }
     }
 

@@ -424,7 +424,9 @@ impl Dataplane {
 
     /// The datapath's clock (see `lb_common::maps::CLOCK`).
     pub fn clock(&self) -> Result<u64, DataplaneError> {
-        self.clock.get(&0, 0).map_err(map_err("reading the datapath clock"))
+        self.clock
+            .get(&0, 0)
+            .map_err(map_err("reading the datapath clock"))
     }
 
     pub fn set_clock(&mut self, now_ns: u64) -> Result<(), DataplaneError> {

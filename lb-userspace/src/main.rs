@@ -158,7 +158,6 @@ async fn run(
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     // Bind the control socket first: it fails fast if another daemon runs.
     let listener = server::bind(&socket)?;
-    let mut daemon = Daemon::start(opts, health_tx)?;
 
     // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up as
     // events for the loop below, the only owner of the state.
@@ -182,6 +181,10 @@ async fn run(
             }
         });
     }
+    // Handlers are in place before the daemon logs `ready:`: a signal sent
+    // the moment it is ready is an event, not the default action (which
+    // would kill the process and leave its pins attached).
+    let mut daemon = Daemon::start(opts, health_tx)?;
     let health_fwd = tx.clone();
     tokio::spawn(async move {
         while let Some(ev) = health_rx.recv().await {

@@ -161,6 +161,19 @@ impl fmt::Display for Rejected {
 
 impl std::error::Error for Rejected {}
 
+/// Where a daemon keeps its control socket, pins and metrics endpoint.
+/// `None` leaves the daemon's own default.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// `--socket`: control socket path (a file in the root namespace's
+    /// filesystem, so the CLI reaches it without entering the namespace).
+    pub socket: Option<PathBuf>,
+    /// `--bpffs`: where maps and the XDP link are pinned.
+    pub bpffs: Option<PathBuf>,
+    /// `--metrics`: address (inside the LB namespace) or `off`.
+    pub metrics: Option<String>,
+}
+
 /// A running `xdplb run` inside the LB namespace.
 pub struct Daemon {
     child: Option<Child>,
@@ -174,13 +187,26 @@ impl Daemon {
     /// Starts `xdplb run --config CONFIG --exit-stats json` in the LB
     /// namespace and waits until it reports that it is attached.
     pub fn start(config: &Path) -> Result<Daemon> {
+        Daemon::start_with(config, &DaemonOptions::default())
+    }
+
+    /// [`Daemon::start`] with a socket, pin directory or metrics address of
+    /// the caller's choosing.
+    pub fn start_with(config: &Path, opts: &DaemonOptions) -> Result<Daemon> {
         let exe = xdplb_path()?;
         let exe = exe.to_str().context("xdplb path is not valid UTF-8")?;
         let config = config.to_str().context("config path is not valid UTF-8")?;
-        let mut cmd = topology::exec_in(
-            topology::LB_NS,
-            &[exe, "run", "--config", config, "--exit-stats", "json"],
-        );
+        let mut argv = vec![exe, "run", "--config", config, "--exit-stats", "json"];
+        if let Some(s) = &opts.socket {
+            argv.extend(["--socket", s.to_str().context("socket path is not UTF-8")?]);
+        }
+        if let Some(d) = &opts.bpffs {
+            argv.extend(["--bpffs", d.to_str().context("bpffs path is not UTF-8")?]);
+        }
+        if let Some(m) = &opts.metrics {
+            argv.extend(["--metrics", m.as_str()]);
+        }
+        let mut cmd = topology::exec_in(topology::LB_NS, &argv);
         // Same process group as us on purpose: a Ctrl-C at the terminal
         // reaches the daemon too, which then detaches cleanly.
         cmd.stdin(Stdio::null())
@@ -239,6 +265,35 @@ impl Daemon {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The first line of the daemon's log (stderr) so far that satisfies
+    /// `pred`.
+    pub fn find_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        self.log.wait_for(0, Duration::ZERO, pred)
+    }
+
+    /// The last lines of the daemon's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        self.log.tail()
+    }
+
+    /// SIGKILLs the daemon (no chance to detach or unpin, like a crash) and
+    /// waits until it is gone.
+    pub fn kill(mut self) -> Result<()> {
+        let mut child = self.child.take().context("xdplb was already stopped")?;
+        if child.try_wait()?.is_some() {
+            self.join_readers();
+            bail!(
+                "xdplb (pid {}) had already exited before SIGKILL. Its log:\n{}",
+                self.pid,
+                self.log.tail()
+            );
+        }
+        self.signal(libc::SIGKILL)?;
+        child.wait().context("waiting for the killed xdplb")?;
+        self.join_readers();
+        Ok(())
     }
 
     /// The daemon's exit status if it exits within `within`.
@@ -380,6 +435,109 @@ impl Drop for Daemon {
             let _ = child.wait();
             self.join_readers();
         }
+    }
+}
+
+/// The `xdplb` CLI talking to one daemon's control socket. Runs in the root
+/// namespace: the socket is a file, no namespace needs entering.
+#[derive(Debug, Clone)]
+pub struct Ctl {
+    exe: PathBuf,
+    socket: PathBuf,
+}
+
+/// What one `xdplb` CLI invocation did.
+#[derive(Debug, Clone)]
+pub struct CtlOutput {
+    /// The exit code; `None` if a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// stdout and stderr together, trimmed, for checks on messages.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr).trim().to_owned()
+    }
+}
+
+/// One row of `xdplb backend list -o json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BackendRow {
+    pub vip: String,
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+    /// active, draining, drained or down.
+    pub state: String,
+    /// unchecked, up or down.
+    pub health: String,
+    pub active_connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub closed_flows: u64,
+    pub mac: String,
+}
+
+impl BackendRow {
+    /// `b2` for a topology backend, else the address.
+    pub fn name(&self) -> String {
+        backend_name_of(&self.address).unwrap_or_else(|| self.address.clone())
+    }
+}
+
+impl Ctl {
+    pub fn new(socket: &Path) -> Result<Ctl> {
+        Ok(Ctl {
+            exe: xdplb_path()?,
+            socket: socket.to_owned(),
+        })
+    }
+
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `xdplb --socket S ARGS...`, whatever its exit status.
+    pub fn run(&self, args: &[&str]) -> Result<CtlOutput> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running `{}`", util::display(&cmd)))?;
+        Ok(CtlOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// `xdplb --socket S ARGS...`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        if out.code != Some(0) {
+            bail!(
+                "`xdplb {}` failed (exit {:?}): {}",
+                args.join(" "),
+                out.code,
+                out.text()
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// `xdplb backend list --vip VIP -o json`.
+    pub fn backends(&self, vip: &str) -> Result<Vec<BackendRow>> {
+        let out = self.ok(&["backend", "list", "--vip", vip, "-o", "json"])?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("parsing `xdplb backend list -o json`: {:?}", out.trim()))
     }
 }
 

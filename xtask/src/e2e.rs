@@ -3,13 +3,20 @@
 //! backends' answers and the daemon's own counters.
 //!
 //! Every scenario gets a fresh daemon (1-4 share one, with one VIP each), so
-//! a failure never leaks state into the next scenario.
+//! a failure never leaks state into the next scenario. Every daemon uses the
+//! e2e's own control socket and bpffs directory (never the defaults a real
+//! deployment on this host would use); both are removed at the end.
+//! Scenarios of the control plane (health checks, draining, connection
+//! counts, restarts, the CLI, metrics) live in [`control`].
+
+mod control;
 
 use std::{
     collections::BTreeMap,
     fs,
     io::ErrorKind,
     net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -20,7 +27,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::{
-    daemon::{self, vip_label, Daemon, ExitStats, Rejected},
+    daemon::{self, vip_label, Ctl, Daemon, DaemonOptions, ExitStats, Rejected},
     probe::{self, LongReport, ShortReport},
     topology::{self, VIP4, VIP6},
     util,
@@ -87,6 +94,9 @@ pub struct VipSpec {
     pub port: u16,
     pub proto: &'static str,
     pub affinity: Option<&'static str>,
+    /// The VIP's `health_check:` as a YAML flow mapping, e.g.
+    /// `{type: tcp, interval_ms: 200}`.
+    pub health_check: Option<String>,
     /// (address, weight)
     pub backends: Vec<(String, u32)>,
 }
@@ -102,6 +112,7 @@ impl VipSpec {
             port,
             proto,
             affinity: None,
+            health_check: None,
             backends: weights
                 .iter()
                 .map(|&(i, w)| {
@@ -137,6 +148,9 @@ pub fn config_yaml(vips: &[VipSpec]) -> String {
         ));
         if let Some(a) = v.affinity {
             y.push_str(&format!("    affinity: {a}\n"));
+        }
+        if let Some(h) = &v.health_check {
+            y.push_str(&format!("    health_check: {h}\n"));
         }
         y.push_str("    backends:\n");
         for (addr, w) in &v.backends {
@@ -332,14 +346,187 @@ fn check_counters(
 // ---------------------------------------------------------------------------
 // Scenarios.
 
+/// Pin directory of every e2e daemon but the restart scenario's.
+const E2E_BPFFS: &str = "/sys/fs/bpf/xdplb-e2e";
+/// Pin directory of the restart scenario's daemons.
+const E2E_RESTART_BPFFS: &str = "/sys/fs/bpf/xdplb-e2e-restart";
+/// Directory of the e2e daemons' control socket.
+const E2E_SOCKET_DIR: &str = "/run/xdplb-e2e";
+
 struct Ctx {
     dir: PathBuf,
+    /// Socket and pin directory of the e2e daemons; no metrics endpoint
+    /// unless a scenario asks for one.
+    opts: DaemonOptions,
+    /// The CLI on the e2e daemons' socket.
+    ctl: Ctl,
 }
 
 impl Ctx {
     fn config(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.yaml"))
     }
+
+    /// A fresh daemon with the e2e options.
+    fn start_daemon(&self, config: &Path) -> Result<Daemon> {
+        self.start_daemon_with(config, &self.opts)
+    }
+
+    /// A fresh daemon. Pins a failed earlier scenario left behind (a daemon
+    /// killed on the error path keeps its datapath pinned and attached) are
+    /// removed first, in every e2e pin directory: the new daemon must neither
+    /// adopt another scenario's flows and counters nor find eth0's XDP slot
+    /// taken.
+    fn start_daemon_with(&self, config: &Path, opts: &DaemonOptions) -> Result<Daemon> {
+        for dir in [E2E_BPFFS, E2E_RESTART_BPFFS] {
+            remove_pins(Path::new(dir))?;
+        }
+        Daemon::start_with(config, opts)
+    }
+}
+
+/// Removes a pin directory of ours (and with it a pinned XDP link) if an
+/// earlier daemon left it behind.
+fn remove_pins(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        eprintln!("removing stale pins in {}", dir.display());
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A long-lived probe (`probe --long`) running in the client namespace,
+/// started and established: every connection has had its first answer.
+struct LongProbe {
+    child: ChildGuard,
+    connections: usize,
+    rounds: usize,
+}
+
+impl LongProbe {
+    /// Starts `connections` connections of `rounds` rounds, `interval_ms`
+    /// apart, and waits (up to 15 s) until all are established.
+    fn start(
+        ctx: &Ctx,
+        tag: &str,
+        target: &str,
+        connections: usize,
+        rounds: usize,
+        interval_ms: u64,
+    ) -> Result<LongProbe> {
+        let start_file = ctx.dir.join(format!("{tag}.started"));
+        let _ = fs::remove_file(&start_file);
+        let start_arg = start_file.to_str().context("temp path is not UTF-8")?;
+        let mut cmd = probe::client_command(&[
+            "--target",
+            target,
+            "--long",
+            &connections.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+            "--start-file",
+            start_arg,
+        ])?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut long = LongProbe {
+            child: ChildGuard(Some(
+                cmd.spawn()
+                    .with_context(|| format!("starting `{}`", util::display(&cmd)))?,
+            )),
+            connections,
+            rounds,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !start_file.exists() {
+            if !long.running()? {
+                let out = match long.child.finish(Duration::ZERO) {
+                    Ok(stdout) => stdout,
+                    Err(e) => format!("{e:#}"),
+                };
+                bail!(
+                    "the long-lived probe ended before establishing its connections: {}",
+                    out.trim()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the long-lived probe did not establish {connections} connections within 15 s"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(long)
+    }
+
+    /// Whether the probe process is still running.
+    fn running(&mut self) -> Result<bool> {
+        match self.child.0.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_none()),
+            None => Ok(false),
+        }
+    }
+
+    /// Waits for the probe to end and returns its report.
+    fn finish(mut self, timeout: Duration) -> Result<LongReport> {
+        let out = self.child.finish(timeout)?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("parsing the long probe's report {:?}", out.trim()))
+    }
+
+    /// Waits (up to `timeout`) for the probe to end, checks that every
+    /// connection did all its rounds on exactly one backend, and returns the
+    /// number of connections per backend.
+    fn finish_checked(self, timeout: Duration) -> Result<BTreeMap<String, usize>> {
+        let (connections, rounds) = (self.connections, self.rounds);
+        let report = self.finish(timeout)?;
+        check_long(&report, connections, rounds)
+    }
+}
+
+/// Every connection of a long-lived probe did all its rounds on exactly one
+/// backend; returns the number of connections per backend.
+fn check_long(
+    long: &LongReport,
+    connections: usize,
+    rounds: usize,
+) -> Result<BTreeMap<String, usize>> {
+    let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (k, c) in long.connections.iter().enumerate() {
+        if let [only] = c.backends.as_slice() {
+            *per_backend.entry(only.clone()).or_default() += 1;
+        }
+        if c.rounds_ok != rounds || c.backends.len() != 1 || c.error.is_some() {
+            problems.push(format!(
+                "connection {k}: {}/{rounds} rounds, backends {:?}, error {:?}",
+                c.rounds_ok, c.backends, c.error
+            ));
+        }
+    }
+    ensure!(
+        long.connections.len() == connections,
+        "long probe reported {} connections, want {connections}",
+        long.connections.len()
+    );
+    ensure!(
+        problems.is_empty(),
+        "long-lived connections broke or moved (per backend: {}):\n      {}",
+        spread(&per_backend),
+        problems.join("\n      ")
+    );
+    Ok(per_backend)
+}
+
+/// `b1=3 b2=4` for a count per backend.
+fn spread(per_backend: &BTreeMap<String, usize>) -> String {
+    per_backend
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Scenario name, result (a note to print on success), duration.
@@ -397,7 +584,7 @@ fn weighted_group(ctx: &Ctx) -> Vec<Outcome> {
         .collect();
     let path = ctx.config("weighted");
     let started = Instant::now();
-    let daemon = write_config(&path, &specs).and_then(|()| Daemon::start(&path));
+    let daemon = write_config(&path, &specs).and_then(|()| ctx.start_daemon(&path));
     let setup_time = started.elapsed();
     let daemon = match daemon {
         Ok(d) => d,
@@ -460,7 +647,7 @@ fn affinity_client_ip(ctx: &Ctx) -> Result<String> {
     spec.affinity = Some("client-ip");
     let path = ctx.config("affinity");
     write_config(&path, std::slice::from_ref(&spec))?;
-    let daemon = Daemon::start(&path)?;
+    let daemon = ctx.start_daemon(&path)?;
     let report = probe_short(&spec.target(), "tcp", 100)?;
     let stats = ExitStats::from_json(&daemon.stop()?)?;
     all_answered(&report)?;
@@ -487,51 +674,10 @@ fn sticky_while_backend_added(ctx: &Ctx) -> Result<String> {
     let mut spec = VipSpec::new(false, PORT, "tcp", &three_equal());
     let path = ctx.config("sticky");
     write_config(&path, std::slice::from_ref(&spec))?;
-    let mut daemon = Daemon::start(&path)?;
+    let mut daemon = ctx.start_daemon(&path)?;
 
-    let start_file = ctx.dir.join("long-probe.started");
-    let _ = fs::remove_file(&start_file);
-    let start_arg = start_file.to_str().context("temp path is not UTF-8")?;
     let target = spec.target();
-    let mut cmd = probe::client_command(&[
-        "--target",
-        &target,
-        "--long",
-        "20",
-        "--rounds",
-        "100",
-        "--interval-ms",
-        "40",
-        "--start-file",
-        start_arg,
-    ])?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut long = ChildGuard(Some(
-        cmd.spawn()
-            .with_context(|| format!("starting `{}`", util::display(&cmd)))?,
-    ));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !start_file.exists() {
-        if let Some(c) = long.0.as_mut() {
-            if c.try_wait()?.is_some() {
-                let out = match long.finish(Duration::ZERO) {
-                    Ok(stdout) => stdout,
-                    Err(e) => format!("{e:#}"),
-                };
-                bail!(
-                    "the long-lived probe ended before establishing its connections: {}",
-                    out.trim()
-                );
-            }
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the long-lived probe did not establish 20 connections within 15 s"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    let long = LongProbe::start(ctx, "sticky", &target, 20, 100, 40)?;
 
     spec.backends.push((topology::backend_addr4(4), 1));
     write_config(&path, std::slice::from_ref(&spec))?;
@@ -547,46 +693,16 @@ fn sticky_while_backend_added(ctx: &Ctx) -> Result<String> {
         names(&report)
     );
 
-    let out = long.finish(Duration::from_secs(60))?;
-    let long: LongReport = serde_json::from_str(out.trim())
-        .with_context(|| format!("parsing the long probe's report {:?}", out.trim()))?;
+    let per_backend = long.finish_checked(Duration::from_secs(60));
     daemon.stop()?;
-
-    let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (k, c) in long.connections.iter().enumerate() {
-        if let [only] = c.backends.as_slice() {
-            *per_backend.entry(only.clone()).or_default() += 1;
-        }
-        if c.rounds_ok != long.rounds || c.backends.len() != 1 || c.error.is_some() {
-            problems.push(format!(
-                "connection {k}: {}/{} rounds, backends {:?}, error {:?}",
-                c.rounds_ok, long.rounds, c.backends, c.error
-            ));
-        }
-    }
-    let spread = per_backend
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let note = format!(
-        "long-lived connections per backend: {spread} (each stayed on one backend for {} \
+    let per_backend =
+        per_backend.context("established connections broke or moved when b4 was added")?;
+    Ok(format!(
+        "long-lived connections per backend: {} (each stayed on one backend for 100 \
          rounds); new connections after adding b4: {}",
-        long.rounds,
+        spread(&per_backend),
         names(&report)
-    );
-    ensure!(
-        long.connections.len() == 20,
-        "long probe reported {} connections, want 20",
-        long.connections.len()
-    );
-    ensure!(
-        problems.is_empty(),
-        "established connections broke or moved when b4 was added ({note}):\n      {}",
-        problems.join("\n      ")
-    );
-    Ok(note)
+    ))
 }
 
 const BAD_FIELD: &str = "vips[0].backends[0].address";
@@ -595,7 +711,7 @@ fn reload_rejects_bad_config(ctx: &Ctx) -> Result<String> {
     let mut spec = VipSpec::new(false, PORT, "tcp", &three_equal());
     let path = ctx.config("reject");
     write_config(&path, std::slice::from_ref(&spec))?;
-    let mut daemon = Daemon::start(&path)?;
+    let mut daemon = ctx.start_daemon(&path)?;
 
     spec.backends[0].0 = "10.200.0.x".into();
     write_config(&path, std::slice::from_ref(&spec))?;
@@ -666,7 +782,7 @@ fn non_vip_traffic_untouched(ctx: &Ctx) -> Result<String> {
     let spec = VipSpec::new(false, PORT, "tcp", &three_equal());
     let path = ctx.config("non-vip");
     write_config(&path, std::slice::from_ref(&spec))?;
-    let daemon = Daemon::start(&path)?;
+    let daemon = ctx.start_daemon(&path)?;
 
     let direct = target(&topology::backend_addr4(1), PORT);
     let report = probe_short(&direct, "tcp", 50)?;
@@ -745,12 +861,23 @@ fn report(o: &Outcome) -> bool {
     }
 }
 
-/// Removes the scenario's temp directory when dropped.
-struct TempDir(PathBuf);
+/// Removes the scenarios' temp directory, the e2e daemons' socket directory
+/// and any pins a failed scenario left behind, when dropped.
+struct Cleanup(PathBuf);
 
-impl Drop for TempDir {
+impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+        for dir in [E2E_BPFFS, E2E_RESTART_BPFFS] {
+            if let Err(e) = remove_pins(Path::new(dir)) {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(E2E_SOCKET_DIR) {
+            if e.kind() != ErrorKind::NotFound {
+                eprintln!("warning: removing {E2E_SOCKET_DIR}: {e}");
+            }
+        }
     }
 }
 
@@ -759,9 +886,25 @@ impl Drop for TempDir {
 /// be built.
 pub fn run_all() -> Result<(usize, usize)> {
     let dir = std::env::temp_dir().join(format!("xlb-e2e-{}", std::process::id()));
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _dir_guard = TempDir(dir.clone());
-    let ctx = Ctx { dir };
+    let _cleanup = Cleanup(dir.clone());
+    // World-readable on purpose: the non-root check runs a copy of xdplb
+    // from here as nobody, and reaches the control socket through
+    // E2E_SOCKET_DIR, so that only the socket's own mode keeps it out.
+    for d in [dir.as_path(), Path::new(E2E_SOCKET_DIR)] {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting the mode of {}", d.display()))?;
+    }
+    let socket = Path::new(E2E_SOCKET_DIR).join("xdplb.sock");
+    let ctx = Ctx {
+        dir,
+        ctl: Ctl::new(&socket)?,
+        opts: DaemonOptions {
+            socket: Some(socket),
+            bpffs: Some(E2E_BPFFS.into()),
+            metrics: Some("off".into()),
+        },
+    };
 
     let t = Instant::now();
     let _topology = TopologyGuard::up(BACKENDS)?;
@@ -798,11 +941,18 @@ pub fn run_all() -> Result<(usize, usize)> {
     }
 
     type Scenario = fn(&Ctx) -> Result<String>;
-    let singles: [(&str, Scenario); 4] = [
+    let singles: [(&str, Scenario); 11] = [
         ("affinity_client_ip", affinity_client_ip),
         ("sticky_while_backend_added", sticky_while_backend_added),
         ("reload_rejects_bad_config", reload_rejects_bad_config),
         ("non_vip_traffic_untouched", non_vip_traffic_untouched),
+        ("health_down_and_back", control::health_down_and_back),
+        ("drain_keeps_established", control::drain_keeps_established),
+        ("connection_counts", control::connection_counts),
+        ("restart_under_traffic", control::restart_under_traffic),
+        ("bad_input_rejected", control::bad_input_rejected),
+        ("runtime_change_not_lost", control::runtime_change_not_lost),
+        ("metrics_endpoint", control::metrics_endpoint),
     ];
     for (name, f) in singles {
         let t = Instant::now();

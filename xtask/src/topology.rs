@@ -462,40 +462,115 @@ fn server_argv(i: usize, exe: &str) -> Vec<String> {
     argv
 }
 
-fn start_servers(backends: usize) -> Result<()> {
+fn xtask_exe() -> Result<String> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let exe = exe
+    Ok(exe
         .to_str()
-        .context("xtask binary path is not valid UTF-8")?;
+        .context("xtask binary path is not valid UTF-8")?
+        .to_owned())
+}
+
+/// Spawns backend `i`'s echo server with its output going to `log`.
+fn spawn_server(i: usize, exe: &str, log: fs::File) -> Result<Child> {
+    let argv = server_argv(i, exe);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut cmd = exec_in(&backend_ns(i), &argv);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().context("duplicating log handle")?)
+        .stderr(log)
+        // Own process group: a Ctrl-C aimed at the caller's terminal
+        // must not take the servers down with it.
+        .process_group(0);
+    cmd.spawn()
+        .with_context(|| format!("starting echo server: {}", util::display(&cmd)))
+}
+
+fn write_pids(servers: &[(String, i32)]) -> Result<()> {
+    let text: String = servers
+        .iter()
+        .map(|(name, pid)| format!("{name} {pid}\n"))
+        .collect();
+    fs::write(state_dir().join(PIDS_FILE), text).context("recording server PIDs")
+}
+
+fn start_servers(backends: usize) -> Result<()> {
+    let exe = xtask_exe()?;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    let mut pids = String::new();
+    let mut pids = Vec::new();
     for i in 1..=backends {
         let log_path = server_log(i);
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let argv = server_argv(i, exe);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut cmd = exec_in(&backend_ns(i), &argv);
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicating log handle")?)
-            .stderr(log)
-            // Own process group: a Ctrl-C aimed at the caller's terminal
-            // must not take the servers down with it.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting echo server: {}", util::display(&cmd)))?;
+        let child = spawn_server(i, &exe, log)?;
         // nsenter execs the target without forking, so this PID is the
         // server itself.
-        pids.push_str(&format!("{} {}\n", backend_name(i), child.id()));
+        pids.push((backend_name(i), i32::try_from(child.id())?));
         // Record as we go: if a later step fails, `down` still finds these.
-        fs::write(state_dir().join(PIDS_FILE), &pids).context("recording server PIDs")?;
+        write_pids(&pids)?;
         children.push((i, child));
     }
     for (i, child) in &mut children {
         wait_server_ready(*i, child)?;
     }
     Ok(())
+}
+
+/// Stops backend `i`'s echo server (only the PID recorded for it, and only
+/// if that is still our server) and waits until it is gone. Its namespace
+/// and addresses stay, so connections to it are refused.
+pub fn stop_server(i: usize) -> Result<()> {
+    let name = backend_name(i);
+    let pid = recorded_servers()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, pid)| pid)
+        .with_context(|| format!("no echo server recorded for {name} (is the topology up?)"))?;
+    if !is_our_server(&name, pid) {
+        bail!("the echo server recorded for {name} (pid {pid}) is not running");
+    }
+    util::signal(pid, libc::SIGTERM);
+    let deadline = Instant::now() + SERVER_STOP_GRACE;
+    let mut killed = false;
+    loop {
+        util::reap_if_child(pid);
+        if !is_our_server(&name, pid) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            if killed {
+                bail!("echo server {name} (pid {pid}) survived SIGKILL");
+            }
+            util::signal(pid, libc::SIGKILL);
+            killed = true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts backend `i`'s echo server again with the arguments `up` gave it,
+/// records its new PID (so `down` stops it) and waits until it answers.
+pub fn start_server(i: usize) -> Result<()> {
+    let name = backend_name(i);
+    let mut servers = recorded_servers();
+    if let Some((_, pid)) = servers.iter().find(|(n, _)| *n == name) {
+        if is_our_server(&name, *pid) {
+            bail!("echo server {name} is already running (pid {pid})");
+        }
+    }
+    let log_path = server_log(i);
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut child = spawn_server(i, &xtask_exe()?, log)?;
+    let pid = i32::try_from(child.id())?;
+    match servers.iter_mut().find(|(n, _)| *n == name) {
+        Some(entry) => entry.1 = pid,
+        None => servers.push((name, pid)),
+    }
+    write_pids(&servers)?;
+    wait_server_ready(i, &mut child)
 }
 
 /// Asks backend `i`'s server for its name over TCP from the client
