@@ -45,7 +45,7 @@ pub enum ClientCommand {
     /// Manage VIPs: list, add, del.
     ///
     /// A VIP is written `address:port/protocol`, e.g. `203.0.113.10:443/tcp`
-    /// or `[2001:db8::10]:443/tcp`. Changes apply at once and are runtime
+    /// or `[2001:db8::10]:443/tcp`, or by its configured name. Changes apply at once and are runtime
     /// changes: the configuration file is not modified.
     #[command(subcommand)]
     Vip(VipCommand),
@@ -97,7 +97,7 @@ pub enum VipCommand {
     /// Delete a VIP and its backends: its traffic is no longer load balanced.
     #[command(visible_alias = "delete")]
     Del {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
     },
@@ -108,13 +108,13 @@ pub enum BackendCommand {
     /// List backends: weight, state, health, connections and counters.
     #[command(visible_alias = "ls")]
     List {
-        /// Only the backends of this VIP, `address:port/protocol`.
+        /// Only the backends of this VIP (`address:port/protocol`, or its name).
         #[arg(long, value_name = "VIP", value_parser = parse_vip)]
         vip: Option<String>,
     },
     /// Add a backend to a VIP; it takes new flows at once.
     Add {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
         /// The backend's address. It must be on the load balancer's L2
@@ -133,7 +133,7 @@ pub enum BackendCommand {
     /// To let them finish first, `drain` it and delete it once drained.
     #[command(visible_alias = "delete")]
     Del {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
         /// The backend's address.
@@ -143,7 +143,7 @@ pub enum BackendCommand {
     /// Change a backend's weight (its share of new flows; established flows
     /// stay where they are).
     Weight {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
         /// The backend's address.
@@ -157,7 +157,7 @@ pub enum BackendCommand {
     /// continue. It shows `drained` once its connections are gone or the
     /// drain timeout passed.
     Drain {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
         /// The backend's address.
@@ -166,7 +166,7 @@ pub enum BackendCommand {
     },
     /// Put a draining or drained backend back in the ring.
     Undrain {
-        /// The VIP, `address:port/protocol` (IPv6 as `[address]:port/protocol`).
+        /// The VIP: `address:port/protocol` (IPv6 as `[address]:port/protocol`), or its name.
         #[arg(value_name = "VIP", value_parser = parse_vip)]
         vip: String,
         /// The backend's address.
@@ -620,10 +620,19 @@ fn query_escape(value: &str) -> String {
 
 /// Checks a VIP argument, `address:port/protocol` with IPv6 in brackets, and
 /// returns it in the daemon's spelling (lower-case protocol, canonical
-/// address).
+/// address); a bare name (`web`) is passed on for the daemon to resolve.
 pub fn parse_vip(s: &str) -> Result<String, String> {
-    const FORMAT: &str =
-        "expected address:port/protocol, e.g. 203.0.113.10:443/tcp or [2001:db8::10]:443/tcp";
+    const FORMAT: &str = "expected address:port/protocol, e.g. 203.0.113.10:443/tcp or \
+         [2001:db8::10]:443/tcp, or the VIP's name from the configuration";
+    // A name (`name:` in the configuration): the daemon resolves it.
+    let is_name = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.parse::<IpAddr>().is_err();
+    if is_name {
+        return Ok(s.to_owned());
+    }
     let (addr_port, protocol) = s.rsplit_once('/').ok_or(FORMAT)?;
     let protocol = protocol.to_ascii_lowercase();
     if protocol != "tcp" && protocol != "udp" {
@@ -1068,6 +1077,7 @@ mod tests {
             parse_vip("[FD00:200:0::100]:53/UDP").as_deref(),
             Ok("[fd00:200::100]:53/udp")
         );
+        assert_eq!(parse_vip("web-v4").as_deref(), Ok("web-v4"), "a name");
         assert_eq!(
             format_vip("2001:db8::10".parse().unwrap(), 443, "tcp"),
             "[2001:db8::10]:443/tcp"
@@ -1083,6 +1093,8 @@ mod tests {
             "fd00::1:8080/tcp",
             "10.200.100.1:70000/tcp",
             "web/tcp",
+            "10.200.100.1",
+            "",
         ] {
             assert!(parse_vip(bad).is_err(), "{bad} was accepted");
         }
