@@ -14,7 +14,12 @@ use crate::util;
 
 /// Debian packages: LLVM 22 for bpf-linker, clang and the kernel UAPI headers
 /// for the topology's XDP pass program, and the tools the topology runs
-/// (`ip`, `ethtool`, `nsenter` from util-linux).
+/// (`ip`, `ethtool`, `nsenter` from util-linux); for `cargo xtask bench`, the
+/// HTTP load generator, the web server on the backends, the two baseline load
+/// balancers and the font its chart is drawn with. (nginx and haproxy are only
+/// ever run by hand inside the test namespaces; on a systemd machine their
+/// packages also enable a service in the root namespace, which the bench
+/// neither needs nor touches.)
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,6 +30,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "util-linux",
+    "wrk",
+    "nginx",
+    "haproxy",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 
 /// The LLVM bpf-linker must be built against (the Debian package's prefix).

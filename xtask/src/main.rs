@@ -1,5 +1,6 @@
 //! Developer tasks for xdplb: `cargo xtask <command>`.
 
+mod bench;
 mod daemon;
 mod demo;
 mod deps;
@@ -48,6 +49,14 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Traffic client printing one JSON report (runs inside xlb-client).
     Probe(probe::ProbeArgs),
+    /// Run every benchmark beside its baseline (in-kernel ns/packet, veth
+    /// Mpps, HTTP requests/s through xdplb vs no LB vs HAProxy vs nftables,
+    /// Maglev build and drain reaction time) and write docs/benchmarks.md
+    /// and docs/benchmarks.png. Needs root.
+    Bench(bench::BenchArgs),
+    /// The drain benchmark's connection loop (runs inside xlb-client).
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,5 +125,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Serve(args) => serve::run(args),
         Cmd::Probe(args) => probe::run(args),
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchClient(args) => bench::client_main(args),
     }
 }
