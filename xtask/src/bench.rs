@@ -155,18 +155,40 @@ fn read_trim(path: &str) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The aggregate `cpu` line of /proc/stat (machine-wide, not per
+/// namespace): jiffies in user, nice, system, idle, iowait, irq, softirq,
+/// steal, ... order; empty if unreadable.
+fn cpu_stat() -> Vec<u64> {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|line| {
+            line.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sum of the first eight `cpu_stat` fields: all time, steal included.
+fn total_jiffies(v: &[u64]) -> u64 {
+    v.iter().take(8).sum()
+}
+
 /// (steal, total) jiffies over all CPUs.
 fn steal_jiffies() -> (u64, u64) {
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+    let v = cpu_stat();
+    (v.get(7).copied().unwrap_or(0), total_jiffies(&v))
+}
+
+/// (busy, total) jiffies over all CPUs. Busy = everything but idle and
+/// iowait.
+fn cpu_jiffies() -> (u64, u64) {
+    let v = cpu_stat();
+    let total = total_jiffies(&v);
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
 }
 
 impl Machine {

@@ -24,7 +24,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{check_interrupted, run_checked, BenchDaemon, BACKENDS, HTTP_PORT, VIP_ARG};
+use super::{
+    check_interrupted, cpu_jiffies, run_checked, BenchDaemon, BACKENDS, HTTP_PORT, VIP_ARG,
+};
 use crate::{
     daemon::ExitStats,
     topology::{self, exec_in, CLIENT_NS, LB4, LB_NS, VIP4},
@@ -648,23 +650,6 @@ fn tcpext(netstat: &str, name: &str) -> Option<u64> {
     let values = lines.next()?;
     let i = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(i)?.parse().ok()
-}
-
-/// (busy, total) jiffies over all CPUs from /proc/stat (machine-wide; not
-/// per namespace). Busy = everything but idle and iowait.
-fn cpu_jiffies() -> (u64, u64) {
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
 }
 
 fn run_wrk(seconds: f64, way: Way) -> Result<Wrk> {
