@@ -518,6 +518,9 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
                 ),
             ));
         }
+        // The VIP's own check, validated once whatever its backends
+        // override (and even with no backend at all).
+        health::resolve(v.health_check.as_ref(), &at, None, "", v.port)?;
         let mut seen_backends = HashSet::new();
         let mut backends = Vec::with_capacity(v.backends.len());
         for (j, b) in v.backends.iter().enumerate() {
@@ -580,24 +583,6 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             affinity,
             backends,
         });
-    }
-    if let Some(hc) = raw.vips.iter().enumerate().find_map(|(i, v)| {
-        // A VIP-level check with no backends is still validated.
-        v.backends
-            .is_empty()
-            .then(|| {
-                health::resolve(
-                    v.health_check.as_ref(),
-                    &format!("vips[{i}]"),
-                    None,
-                    "",
-                    v.port,
-                )
-                .err()
-            })
-            .flatten()
-    }) {
-        return Err(hc);
     }
     Ok(Config {
         interface: raw.interface.clone(),

@@ -320,7 +320,8 @@ impl Daemon {
         ))
     }
 
-    fn backend_key(&self, vip: &str, address: &str) -> Result<BackendKey, Failure> {
+    /// The VIP's index in the running configuration and the backend's key.
+    fn backend_key(&self, vip: &str, address: &str) -> Result<(usize, BackendKey), Failure> {
         let i = parse_vip(&self.running, vip)?;
         let v = &self.running.vips[i];
         let addr = parse_ip("address", address)?;
@@ -330,7 +331,7 @@ impl Daemon {
                 v.label()
             )));
         }
-        Ok((vip_key(v), addr))
+        Ok((i, (vip_key(v), addr)))
     }
 
     fn backend_json(&self, key: &BackendKey) -> Reply {
@@ -345,16 +346,31 @@ impl Daemon {
         serde_json::to_value(b).map_err(Failure::internal)
     }
 
+    fn vip_statuses(
+        &self,
+        backends: &[api::BackendStatus],
+    ) -> Result<Vec<api::VipStatus>, Failure> {
+        self.state
+            .vip_statuses(&self.dp, backends)
+            .map_err(Failure::internal)
+    }
+
+    fn vip_statuses_now(&self) -> Result<Vec<api::VipStatus>, Failure> {
+        let backends = self
+            .state
+            .backend_statuses(&self.dp, None)
+            .map_err(Failure::internal)?;
+        self.vip_statuses(&backends)
+    }
+
     pub fn stats(&self) -> Result<api::Stats, Failure> {
+        let backends = self
+            .state
+            .backend_statuses(&self.dp, None)
+            .map_err(Failure::internal)?;
         Ok(api::Stats {
-            vips: self
-                .state
-                .vip_statuses(&self.dp)
-                .map_err(Failure::internal)?,
-            backends: self
-                .state
-                .backend_statuses(&self.dp, None)
-                .map_err(Failure::internal)?,
+            vips: self.vip_statuses(&backends)?,
+            backends,
             reasons: self
                 .dp
                 .reason_counters()
@@ -386,12 +402,7 @@ impl Daemon {
                 to_json(&status)
             }
             Request::Stats => to_json(&self.stats()?),
-            Request::Vips => to_json(
-                &self
-                    .state
-                    .vip_statuses(&self.dp)
-                    .map_err(Failure::internal)?,
-            ),
+            Request::Vips => to_json(&self.vip_statuses_now()?),
             Request::Backends { vip } => {
                 let only = match vip {
                     Some(v) => Some(vip_key(&self.running.vips[parse_vip(&self.running, &v)?])),
@@ -418,11 +429,7 @@ impl Daemon {
                     });
                     Ok(())
                 })?;
-                let statuses = self
-                    .state
-                    .vip_statuses(&self.dp)
-                    .map_err(Failure::internal)?;
-                to_json(&statuses.last().cloned())
+                to_json(&self.vip_statuses_now()?.last().cloned())
             }
             Request::VipDel { vip } => {
                 let i = parse_vip(&self.running, &vip)?;
@@ -450,8 +457,7 @@ impl Daemon {
                 self.backend_json(&(vip_key(&self.running.vips[i]), addr))
             }
             Request::BackendDel(r) => {
-                let key = self.backend_key(&r.vip, &r.address)?;
-                let i = parse_vip(&self.running, &r.vip)?;
+                let (i, key) = self.backend_key(&r.vip, &r.address)?;
                 let label = self.running.vips[i].label();
                 self.change(format!("backend del {label} {}", key.1), |raw| {
                     raw.vips[i]
@@ -462,8 +468,7 @@ impl Daemon {
                 Ok(json!({}))
             }
             Request::Weight(w) => {
-                let key = self.backend_key(&w.vip, &w.address)?;
-                let i = parse_vip(&self.running, &w.vip)?;
+                let (i, key) = self.backend_key(&w.vip, &w.address)?;
                 let label = self.running.vips[i].label();
                 self.change(
                     format!("backend weight {label} {} {}", key.1, w.weight),
@@ -479,7 +484,7 @@ impl Daemon {
                 self.backend_json(&key)
             }
             Request::Drain(r) => {
-                let key = self.backend_key(&r.vip, &r.address)?;
+                let (_, key) = self.backend_key(&r.vip, &r.address)?;
                 self.state
                     .set_runtime(&mut self.dp, &mut self.resolver, &key, |rt| {
                         if rt.draining_since.is_none() {
@@ -492,7 +497,7 @@ impl Daemon {
                 self.backend_json(&key)
             }
             Request::Undrain(r) => {
-                let key = self.backend_key(&r.vip, &r.address)?;
+                let (_, key) = self.backend_key(&r.vip, &r.address)?;
                 self.state
                     .set_runtime(&mut self.dp, &mut self.resolver, &key, |rt| {
                         rt.draining_since = None;

@@ -131,6 +131,8 @@ struct BackendSlot {
 struct Planned {
     address: IpAddr,
     weight: u32,
+    /// Has a health check (checked backends start up).
+    checked: bool,
     entry: Backend,
 }
 
@@ -363,6 +365,7 @@ impl State {
                 members.push(Planned {
                     address: b.address,
                     weight: b.weight,
+                    checked: b.health.is_some(),
                     entry,
                 });
             }
@@ -421,24 +424,20 @@ impl State {
             for Planned {
                 address,
                 weight,
+                checked,
                 entry,
             } in members
             {
                 let mut entry = *entry;
                 entry.tx_port = tx_ports[&entry.ifindex];
                 entry.vip_id = vip_id;
-                let spec = vip
-                    .backends
-                    .iter()
-                    .find(|b| b.address == *address)
-                    .expect("planned from this VIP");
                 let slot = match self.backends.get(&(*key, *address)) {
                     Some(old) => {
                         // Health follows the configuration: a check added (or
                         // an adopted backend) starts up, a check removed
                         // clears the health state.
                         let mut runtime = old.runtime;
-                        runtime.health = match (spec.health.is_some(), runtime.health) {
+                        runtime.health = match (*checked, runtime.health) {
                             (true, Health::Unchecked) => Health::Up,
                             (false, _) => Health::Unchecked,
                             (true, h) => h,
@@ -480,7 +479,7 @@ impl State {
                             draining_since: None,
                             drained: false,
                             // Checked backends start up (see health.rs).
-                            health: if spec.health.is_some() {
+                            health: if *checked {
                                 Health::Up
                             } else {
                                 Health::Unchecked
@@ -805,11 +804,16 @@ impl State {
         Ok(out)
     }
 
-    pub fn vip_statuses(&self, dp: &Dataplane) -> Result<Vec<api::VipStatus>, DataplaneError> {
+    /// Status of every VIP; `backends` is `backend_statuses(dp, None)`,
+    /// which the caller usually has already.
+    pub fn vip_statuses(
+        &self,
+        dp: &Dataplane,
+        backends: &[api::BackendStatus],
+    ) -> Result<Vec<api::VipStatus>, DataplaneError> {
         let Some(cfg) = &self.config else {
             return Ok(Vec::new());
         };
-        let backends = self.backend_statuses(dp, None)?;
         cfg.vips
             .iter()
             .map(|vip| {
