@@ -197,7 +197,7 @@ pub struct FlowKey {
 /// `FlowValue::flags`: a FIN or RST was seen; the flow is counted as
 /// closed. Later packets (the last ACKs) still go to its backend; a SYN
 /// starts a new flow.
-pub const FLOW_F_CLOSED: u32 = 1;
+pub const FLOW_F_CLOSED: u64 = 1;
 
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes
 /// it: idle timeouts are seconds to minutes, so refreshing at most once a
@@ -214,9 +214,11 @@ pub struct FlowValue {
     /// `XLB_CLOCK` (CLOCK_MONOTONIC ns, 250 ms steps) when a recent packet
     /// was seen, within `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
-    /// `FLOW_F_*` bits.
-    pub flags: u32,
-    pub _pad: u32,
+    /// `FLOW_F_*` bits. 64 bits wide so the datapath can set them with an
+    /// atomic or (BPF atomics are 64-bit here); the same bytes as the
+    /// `u32` flags and zero padding of earlier releases on little-endian
+    /// machines, so pinned tables are still adopted.
+    pub flags: u64,
 }
 
 /// Per-CPU counters of a VIP or a backend.

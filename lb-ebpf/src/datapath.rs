@@ -1,7 +1,16 @@
-use core::mem;
+use core::{
+    intrinsics::{atomic_or, AtomicOrdering},
+    mem,
+};
+
+/// errno of a `BPF_NOEXIST` insert whose key exists.
+const EEXIST: i32 = 17;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        BPF_ANY, BPF_NOEXIST,
+    },
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -248,52 +257,86 @@ fn is_closing(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
-/// The backend an existing flow is pinned to, if the flow should stay
-/// there. `None` means (re)schedule: no entry, its backend was replaced or
-/// removed, its backend is down (counted closed there, once), or a SYN
-/// reuses the 5-tuple of a closed connection.
+/// What the flow table says about a packet's flow.
+enum Tracked {
+    /// Pinned: stay on this backend.
+    Pinned(u32, Backend),
+    /// No entry (a new flow), or one that cannot be followed and is not
+    /// this packet's to replace: insert only if no entry exists
+    /// (`BPF_NOEXIST`), else follow the entry found then.
+    Missing,
+    /// An entry to overwrite (`BPF_ANY`): an open flow whose backend was
+    /// replaced, removed or is down (then counted closed there, once), or
+    /// a SYN reusing the 5-tuple of a closed connection.
+    Stale,
+}
+
+/// Sets the entry's closed flag; true if this call set it. Two packets of
+/// one flow may be handled at once on two CPUs (veth runs XDP on the
+/// sender's CPU; a NIC's RSS would keep them on one), so the flag is set
+/// atomically and only the CPU that set it acts on the change.
 #[inline(always)]
-fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Option<(u32, Backend)> {
-    let entry = XLB_FLOWS.get_ptr_mut(flow)?;
+fn mark_closed(entry: *mut FlowValue) -> bool {
+    // SAFETY: a valid, 8-byte aligned map value field; other CPUs only read
+    // it or set it this way. (core's atomics offer no fetch_or on the BPF
+    // target; the intrinsic is BPF's atomic fetch-or.)
+    let before = unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).flags, FLOW_F_CLOSED)
+    };
+    before & FLOW_F_CLOSED == 0
+}
+
+#[inline(always)]
+fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Tracked {
+    let Some(entry) = XLB_FLOWS.get_ptr_mut(flow) else {
+        return Tracked::Missing;
+    };
     // SAFETY: a valid map value pointer; copied out before use.
     let tracked = unsafe { *entry };
-    let backend = *XLB_BACKENDS.get(tracked.backend)?;
-    if backend.generation == 0 || backend.generation != tracked.generation {
-        return None;
-    }
+    let Some(&backend) = XLB_BACKENDS.get(tracked.backend) else {
+        return Tracked::Stale;
+    };
     let closed = tracked.flags & FLOW_F_CLOSED != 0;
-    if backend.flags & BACKEND_F_DOWN != 0 {
-        if !closed {
-            count_closed(tracked.backend);
-        }
-        return None;
+    if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection reusing a closed one's 5-tuple.
+        return Tracked::Stale;
     }
-    if closed {
-        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            return None;
+    let replaced = backend.generation == 0 || backend.generation != tracked.generation;
+    let down = backend.flags & BACKEND_F_DOWN != 0;
+    if replaced || down {
+        // An open flow must move. Of two CPUs moving it at once, the one
+        // that marks the entry closed reschedules it (and counts the close
+        // on a down backend); the other, like any later packet of a flow
+        // that was already closed, follows whatever entry it then finds.
+        if !closed && mark_closed(entry) {
+            if !replaced {
+                count_closed(tracked.backend);
+            }
+            return Tracked::Stale;
         }
-    } else if is_closing(tcp_flags) {
-        // Packets of one flow arrive on one CPU (RSS), so this check-then-
-        // set does not race in practice; the flag makes the count once.
-        // SAFETY: valid map value pointer.
-        unsafe { (*entry).flags |= FLOW_F_CLOSED };
+        return Tracked::Missing;
+    }
+    if !closed && is_closing(tcp_flags) && mark_closed(entry) {
         count_closed(tracked.backend);
     }
     if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         // SAFETY: valid map value pointer.
         unsafe { (*entry).last_seen_ns = now };
     }
-    Some((tracked.backend, backend))
+    Tracked::Pinned(tracked.backend, backend)
 }
 
-/// Schedules a new flow on the VIP's active Maglev ring.
+/// Schedules a flow the table does not pin on the VIP's active Maglev
+/// ring and records it. Returns the backend and whether this packet made
+/// the flow (counted as a new flow).
 #[inline(always)]
 fn schedule(
     vip: &VipInfo,
     flow: &FlowKey,
     tcp_flags: u8,
     now: u64,
-) -> Result<(u32, Backend), Reason> {
+    replace: bool,
+) -> Result<(u32, Backend, bool), Reason> {
     // SAFETY: read-only globals; volatile so the compiler does not fold the
     // compiled-in defaults over the values the loader wrote.
     let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
@@ -324,15 +367,29 @@ fn schedule(
         generation: backend.generation,
         last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },
-        _pad: 0,
     };
-    // An insert only fails under memory pressure; the packet still goes to
-    // the ring's answer, which stays the same until the backend set changes.
-    let _ = XLB_FLOWS.insert(flow, &value, 0);
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    match XLB_FLOWS.insert(flow, &value, u64::from(flags)) {
+        Ok(()) => {}
+        // Two packets of one new flow on two CPUs at once (veth runs XDP on
+        // the sender's CPU; a NIC's RSS would not split a flow): the other
+        // CPU made the entry and counted the flow. Follow its entry.
+        Err(e) if e == -EEXIST => {
+            return match tracked_backend(flow, tcp_flags, now) {
+                Tracked::Pinned(id, backend) => Ok((id, backend, false)),
+                // Closed or replaced in between: the ring's answer, uncounted.
+                Tracked::Missing | Tracked::Stale => Ok((id, backend, false)),
+            };
+        }
+        // Any other failure is memory pressure: the packet still goes to
+        // the ring's answer, which stays the same until the backend set
+        // changes.
+        Err(_) => {}
+    }
     if closing {
         count_closed(id);
     }
-    Ok((id, backend))
+    Ok((id, backend, true))
 }
 
 #[inline(always)]
@@ -387,14 +444,15 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
     // through to the VIP lookup like a new one.
     let (id, backend, vip_id, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
-        Some((id, backend)) => (id, backend, backend.vip_id, false),
-        None => {
+        Tracked::Pinned(id, backend) => (id, backend, backend.vip_id, false),
+        found => {
             // SAFETY: copied out at once (see tracked_backend).
             let vip = unsafe { XLB_VIPS.get(&vip_key) }
                 .copied()
                 .ok_or(Reason::PassNotVip)?;
-            let (id, backend) = schedule(&vip, &flow, parsed.tcp_flags, now)?;
-            (id, backend, vip.id, true)
+            let replace = matches!(found, Tracked::Stale);
+            let (id, backend, new_flow) = schedule(&vip, &flow, parsed.tcp_flags, now, replace)?;
+            (id, backend, vip.id, new_flow)
         }
     };
 

@@ -7,6 +7,14 @@
 //! reason's policy (see `lb_common::Reason`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has 64-bit atomic loads and stores but no fetch_or in
+// core::sync::atomic; the datapath uses the intrinsic (BPF_OR | BPF_FETCH).
+// aya-build always compiles this crate with nightly.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics, for atomic_or")
+)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -1505,3 +1505,149 @@ fn removing_a_vip_stops_its_established_flows_at_once() {
         None,
     );
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the libc macros only
+    // touch the set passed to them.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Sends each packet from two CPUs at once: both threads send packet i,
+/// then wait for each other (spinning, so they start the next one
+/// together). On veth (and in generic mode) XDP runs on the sending CPU,
+/// so two packets of one flow can be handled at the same time.
+fn race_on_two_cpus(h: &mut Harness, packets: &[Vec<u8>]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert!(
+        cpus >= 2,
+        "this test needs 2 CPUs to race two packets, the machine offers {cpus}"
+    );
+    let program: &aya::programs::Xdp = h.dp.program_mut();
+    let arrived = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for cpu in 0..2 {
+            let arrived = &arrived;
+            s.spawn(move || {
+                pin_to_cpu(cpu);
+                for (i, packet) in packets.iter().enumerate() {
+                    let mut out = vec![0u8; packet.len() + 256];
+                    let r = program
+                        .test_run(TestRunOptions {
+                            data_in: Some(packet),
+                            data_out: Some(&mut out),
+                            ..TestRunOptions::default()
+                        })
+                        .expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(r.return_value, XDP_TX, "packet {i} on CPU {cpu}");
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let all = 2 * (i as u64 + 1);
+                    while arrived.load(Ordering::SeqCst) < all {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Well under the fixture's flow table size (4096), so none is evicted.
+const RACED_FLOWS: u16 = 2_000;
+
+fn raced_packets(flags: u8) -> Vec<Vec<u8>> {
+    (0..RACED_FLOWS)
+        .map(|i| tcp4_flags(VIP4, 10_000 + i, 80, flags))
+        .collect()
+}
+
+#[test]
+fn a_new_flow_raced_on_two_cpus_is_counted_once() {
+    // Counted twice, a flow would keep its backend above 0 active
+    // connections for good, and a drain would never complete.
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    let before = opened_closed(&h, b1);
+    race_on_two_cpus(&mut h, &raced_packets(TCP_SYN));
+    let (opened, closed) = opened_closed(&h, b1);
+    assert_eq!(
+        (opened - before.0, closed - before.1),
+        (u64::from(RACED_FLOWS), 0),
+        "{RACED_FLOWS} flows, each SYN sent from two CPUs at once: (new, closed) flows counted"
+    );
+}
+
+#[test]
+fn a_fin_raced_on_two_cpus_closes_its_flow_once() {
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    for p in raced_packets(TCP_SYN) {
+        h.run(&p);
+    }
+    let before = opened_closed(&h, b1);
+    assert_eq!(
+        before,
+        (u64::from(RACED_FLOWS), 0),
+        "flows opened on one CPU"
+    );
+    race_on_two_cpus(&mut h, &raced_packets(TCP_FIN | TCP_ACK));
+    let (opened, closed) = opened_closed(&h, b1);
+    assert_eq!(
+        (opened - before.0, closed - before.1),
+        (0, u64::from(RACED_FLOWS)),
+        "{RACED_FLOWS} open flows, each FIN sent from two CPUs at once: (new, closed) flows \
+         counted"
+    );
+}
+
+#[test]
+fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3: Vec<u16> = (10_000..10_000 + RACED_FLOWS)
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .collect();
+    let n = on_b3.len() as u64;
+    for &p in &on_b3 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    assert_eq!(opened_closed(&h, b3), (n, 0), "flows opened on one CPU");
+    let key = three_key(&h, "10.200.0.13");
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    assert!(h
+        .state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
+            Health::Down)
+        .expect("mark down"));
+    let acks: Vec<Vec<u8>> = on_b3
+        .iter()
+        .map(|&p| tcp4_flags(VIP4_THREE, p, 80, TCP_ACK))
+        .collect();
+    race_on_two_cpus(&mut h, &acks);
+    assert_eq!(
+        opened_closed(&h, b3),
+        (n, n),
+        "{n} flows of the down backend, each next packet sent from two CPUs at once: each \
+         closed there exactly once"
+    );
+    let moved: u64 = ["10.200.0.11", "10.200.0.12"]
+        .iter()
+        .map(|a| opened_closed(&h, h.backend("three", a).0).0)
+        .sum();
+    assert_eq!(moved, n, "and opened once on the backends that took them");
+}
