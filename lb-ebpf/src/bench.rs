@@ -12,6 +12,12 @@
 //! - `xlb_bench_gen`: a traffic generator for live-frame test runs: every
 //!   frame is redirected to the interface in `XLB_BENCH_PORTS[0]`.
 //! - `xlb_bench_sink`: counts and drops what comes back.
+//! - `xlb_bench_flow_hit` / `xlb_bench_flow_insert`: the flow table alone,
+//!   the floor under the load balancer's established and new-flow paths:
+//!   build the same `FlowKey` from an IPv4 TCP/UDP frame, then one lookup
+//!   (MAC swap, XDP_TX on a hit) or one `BPF_NOEXIST` insert of a
+//!   `FlowValue` into `XLB_BENCH_FLOWS`, an LRU hash of the same types that
+//!   the bench sizes like the load balancer's table.
 //!
 //! Map names and counter slots are mirrored in the host binary.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -25,13 +31,13 @@ mod programs {
     use core::mem;
 
     use aya_ebpf::{
-        bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_TX},
+        bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
         helpers::bpf_get_smp_processor_id,
         macros::{map, xdp},
-        maps::{DevMap, PerCpuArray, ProgramArray},
+        maps::{DevMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
-    use lb_common::{PROTO_TCP, PROTO_UDP};
+    use lb_common::{FlowKey, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP};
     use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
     /// Slot 0: the program `xlb_bench_reset` hands each packet to.
@@ -47,6 +53,10 @@ mod programs {
     /// consumed by the sink.
     #[map]
     static XLB_BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    /// Sized by the bench at load time like the load balancer's flow table.
+    #[map]
+    static XLB_BENCH_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
 
     const COUNT_GEN: u32 = 0;
     const COUNT_SINK: u32 = 1;
@@ -134,6 +144,64 @@ mod programs {
             *sport = port.to_be_bytes();
         }
         Some(())
+    }
+
+    /// The load balancer's flow key of an IPv4 TCP/UDP frame without
+    /// options (the frames the kernel benchmark sends).
+    #[inline(always)]
+    fn flow_key(ctx: &XdpContext) -> Option<FlowKey> {
+        let eth = ptr_at::<EthHdr>(ctx, 0)?;
+        // SAFETY: ptr_at checked bounds.
+        if unsafe { (*eth).ether_type } != ETH_P_IPV4_BE {
+            return None;
+        }
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+        let ports = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+        // SAFETY: ptr_at checked bounds.
+        let (src, dst, proto, [src_port_be, dst_port_be]) =
+            unsafe { ((*ip).src_addr, (*ip).dst_addr, (*ip).proto, *ports) };
+        Some(FlowKey {
+            src: [u32::from_ne_bytes(src), 0, 0, 0],
+            dst: [u32::from_ne_bytes(dst), 0, 0, 0],
+            src_port_be,
+            dst_port_be,
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        })
+    }
+
+    #[xdp]
+    pub fn xlb_bench_flow_hit(ctx: XdpContext) -> u32 {
+        let (Some(key), Some(eth)) = (flow_key(&ctx), ptr_at::<EthHdr>(&ctx, 0)) else {
+            return XDP_ABORTED;
+        };
+        if XLB_BENCH_FLOWS.get_ptr(&key).is_none() {
+            return XDP_DROP;
+        }
+        // SAFETY: ptr_at checked the header lies inside the packet.
+        unsafe { core::mem::swap(&mut (*eth).dst_addr, &mut (*eth).src_addr) };
+        XDP_TX
+    }
+
+    #[xdp]
+    pub fn xlb_bench_flow_insert(ctx: XdpContext) -> u32 {
+        let Some(key) = flow_key(&ctx) else {
+            return XDP_ABORTED;
+        };
+        let value = FlowValue {
+            backend: 1,
+            generation: 1,
+            last_seen_ns: 0,
+            flags: 0,
+        };
+        // BPF_NOEXIST, as the load balancer inserts a new flow. XDP_TX:
+        // inserted; XDP_PASS: the key exists; XDP_DROP: any other failure.
+        match XLB_BENCH_FLOWS.insert(&key, &value, 1) {
+            Ok(()) => XDP_TX,
+            Err(-17) => XDP_PASS,
+            Err(_) => XDP_DROP,
+        }
     }
 
     #[xdp]

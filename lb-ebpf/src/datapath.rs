@@ -371,16 +371,19 @@ fn schedule(
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
     match XLB_FLOWS.insert(flow, &value, u64::from(flags)) {
         Ok(()) => {}
-        // Two packets of one new flow on two CPUs at once (veth runs XDP on
-        // the sender's CPU; a NIC's RSS would not split a flow): the other
-        // CPU made the entry and counted the flow. Follow its entry.
-        Err(e) if e == -EEXIST => {
-            return match tracked_backend(flow, tcp_flags, now) {
-                Tracked::Pinned(id, backend) => Ok((id, backend, false)),
-                // Closed or replaced in between: the ring's answer, uncounted.
-                Tracked::Missing | Tracked::Stale => Ok((id, backend, false)),
-            };
-        }
+        // An entry exists: a SYN that skipped the lookup finds its flow, or
+        // two packets of one new flow ran at once on two CPUs (veth runs
+        // XDP on the sender's CPU) and the other CPU made the entry.
+        Err(e) if e == -EEXIST => match tracked_backend(flow, tcp_flags, now) {
+            Tracked::Pinned(id, backend) => return Ok((id, backend, false)),
+            // A SYN reusing a closed flow's 5-tuple, or an open flow whose
+            // backend left and that this packet claimed: overwrite it.
+            Tracked::Stale => {
+                let _ = XLB_FLOWS.insert(flow, &value, u64::from(BPF_ANY));
+            }
+            // Another CPU is moving this flow: the ring's answer, uncounted.
+            Tracked::Missing => return Ok((id, backend, false)),
+        },
         // Any other failure is memory pressure: the packet still goes to
         // the ring's answer, which stays the same until the backend set
         // changes.
@@ -442,8 +445,16 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
 
     // An established flow needs no VIP lookup: its backend entry names the
     // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
-    // through to the VIP lookup like a new one.
-    let (id, backend, vip_id, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
+    // through to the VIP lookup like a new one. A SYN without ACK opens a
+    // connection: it skips the flow lookup, and the insert (which fails if
+    // the entry exists) tells whether the flow is known after all.
+    let syn_only = parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let found = if syn_only {
+        Tracked::Missing
+    } else {
+        tracked_backend(&flow, parsed.tcp_flags, now)
+    };
+    let (id, backend, vip_id, new_flow) = match found {
         Tracked::Pinned(id, backend) => (id, backend, backend.vip_id, false),
         found => {
             // SAFETY: copied out at once (see tracked_backend).

@@ -34,7 +34,7 @@ use anyhow::{anyhow, ensure, Context as _, Result};
 use aya::{
     maps::{DevMap, MapData, PerCpuArray, ProgramArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use clap::{Parser, Subcommand};
 use lb_common::{maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP};
@@ -57,8 +57,11 @@ mod bench {
     pub const TX: &str = "xlb_bench_tx";
     pub const GEN: &str = "xlb_bench_gen";
     pub const SINK: &str = "xlb_bench_sink";
-    pub const PROGRAMS: [&str; 5] = [REFLECT, RESET, TX, GEN, SINK];
+    pub const FLOW_HIT: &str = "xlb_bench_flow_hit";
+    pub const FLOW_INSERT: &str = "xlb_bench_flow_insert";
+    pub const PROGRAMS: [&str; 7] = [REFLECT, RESET, TX, GEN, SINK, FLOW_HIT, FLOW_INSERT];
 
+    pub const FLOWS: &str = "XLB_BENCH_FLOWS";
     pub const JUMP: &str = "XLB_BENCH_JUMP";
     pub const PORTS: &str = "XLB_BENCH_PORTS";
     pub const COUNT: &str = "XLB_BENCH_COUNT";
@@ -440,8 +443,13 @@ struct BenchObject {
 }
 
 impl BenchObject {
-    fn load() -> Result<BenchObject> {
-        let mut ebpf = Ebpf::load(BENCH_OBJECT).context("loading the lb-bench object")?;
+    /// Loads the helper object; its flow table gets `flow_table_size`
+    /// entries, like the load balancer's.
+    fn load(flow_table_size: u32) -> Result<BenchObject> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(bench::FLOWS, flow_table_size)
+            .load(BENCH_OBJECT)
+            .context("loading the lb-bench object")?;
         for name in bench::PROGRAMS {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
@@ -533,13 +541,18 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         table_size >= FLOW_TABLE_SIZE,
         "the flow table must hold at least {FLOW_TABLE_SIZE} entries"
     );
-    let mut obj = BenchObject::load()?;
+    let mut obj = BenchObject::load(table_size)?;
     let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
     let lb_fd = dp.program_mut().fd().context("xlb_lb fd")?.try_clone()?;
     let tx_fd = obj
         .program(bench::TX)
         .fd()
         .context("xlb_bench_tx fd")?
+        .try_clone()?;
+    let insert_fd = obj
+        .program(bench::FLOW_INSERT)
+        .fd()
+        .context("xlb_bench_flow_insert fd")?
         .try_clone()?;
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
@@ -548,6 +561,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
 
     let (mut a, mut b, mut c, mut d, mut reset) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The flow table alone: one hit, one insert (net of the reset step).
+    let (mut hit, mut insert) = (Vec::new(), Vec::new());
     let mut flow_entries = Vec::new();
     let mut new_flows_counted = Vec::new();
     let mut evicting = Vec::new();
@@ -633,6 +648,41 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "reference_reflect",
         )?);
 
+        // The floor under (a): parse, one flow-table hit, MAC swap. The
+        // first packet (re)inserts the key: inserts may have evicted it.
+        let first = obj
+            .program(bench::FLOW_INSERT)
+            .test_run(TestRunOptions {
+                data_in: Some(&established),
+                ..TestRunOptions::default()
+            })
+            .context("flow_table_hit (first packet): BPF_PROG_TEST_RUN")?;
+        // XDP_TX: inserted; XDP_PASS: still there.
+        ensure!(
+            matches!(first.return_value, XDP_TX | XDP_PASS),
+            "flow_table_hit: inserting the key failed (returned {})",
+            first.return_value
+        );
+        hit.push(time_run(
+            obj.program(bench::FLOW_HIT),
+            &established,
+            repeat,
+            XDP_TX,
+            "flow_table_hit",
+        )?);
+
+        // The floor under (b): reset -> parse, one BPF_NOEXIST insert into
+        // a table of the same size, filled in step with the load balancer's.
+        jump.set(0, &insert_fd, 0)
+            .context("jump slot -> xlb_bench_flow_insert")?;
+        insert.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "flow_table_insert",
+        )?);
+
         // The reset step alone: reset -> xlb_bench_tx.
         jump.set(0, &tx_fd, 0)
             .context("jump slot -> xlb_bench_tx")?;
@@ -651,12 +701,14 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         let last = |v: &Vec<f64>| v[v.len() - 1];
         eprintln!(
             "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns), non_vip {} ns, \
-             reflect {} ns, flow table {entries} entries",
+             reflect {} ns, table hit {} ns, table insert {} ns, flow table {entries} entries",
             last(&a),
             last(&b),
             last(&reset),
             last(&c),
             last(&d),
+            last(&hit),
+            last(&insert),
         );
     }
     let elapsed = started.elapsed();
@@ -685,6 +737,12 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     new_flow_json["net_median_filling"] = json!(net_where(false));
     new_flow_json["net_median_evicting"] = json!(net_where(true));
 
+    let insert_net: Vec<f64> = insert.iter().zip(&reset).map(|(i, r)| i - r).collect();
+    let mut insert_json = case_json(&insert, reference);
+    insert_json["ratio_to_reference"] = json!(round(median(&insert_net) / reference, 3));
+    insert_json["net_ns_per_packet"] = json!(insert_net);
+    insert_json["net_median"] = json!(median(&insert_net));
+
     eprintln!(
         "\nkernel: repeat {repeat}, {runs} runs on CPU {cpu} in {:.1} s; median ns/packet:",
         elapsed.as_secs_f64()
@@ -698,6 +756,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ("  while evicting", net_where(true)),
         ("non_vip_pass", Some(median(&c))),
         ("reference_reflect", Some(reference)),
+        ("table hit alone", Some(median(&hit))),
+        ("table insert (net)", Some(median(&insert_net))),
     ] {
         let Some(ns) = ns else { continue };
         eprintln!("  {name:<18} {ns:>6} ns  x{:.2} reference", ns / reference);
@@ -712,7 +772,12 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
                    xlb_lb; reset_only: the same reset tail-calls xlb_bench_tx; net = new_flow \
                    - reset_only of the same run, and new_flow's ratio_to_reference uses it. \
                    new_flow.evicting: the run filled the LRU flow table past capacity; \
-                   net_median_filling / net_median_evicting split the runs by it.",
+                   net_median_filling / net_median_evicting split the runs by it. \
+                   flow_table_hit / flow_table_insert: the floor under (a) and (b), the flow \
+                   table alone (xlb_bench_flow_hit: parse, one lookup, MAC swap; \
+                   xlb_bench_flow_insert behind the same reset step, net of it: one \
+                   BPF_NOEXIST insert) in an LRU hash of the same key and value types and \
+                   size, filled in step with the load balancer's.",
         "repeat": repeat,
         "runs": runs,
         "cpu": cpu,
@@ -724,6 +789,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "non_vip_pass": case_json(&c, reference),
             "reference_reflect": case_json(&d, reference),
             "reset_only": case_json(&reset, reference),
+            "flow_table_hit": case_json(&hit, reference),
+            "flow_table_insert": insert_json,
         },
     }))
 }
@@ -1058,7 +1125,8 @@ vips:
     );
     let mut resolver = FixedResolver(vec![lb_if.clone()]);
     let (mut dp, _state) = load_lb(&yaml, &mut resolver)?;
-    let mut obj = BenchObject::load()?;
+    // The veth benchmark does not use the helper flow table.
+    let mut obj = BenchObject::load(1)?;
     let mut ports: DevMap<MapData> = obj.take_map(bench::PORTS)?;
     ports
         .set(0, gen_if.ifindex, None, 0)

@@ -70,7 +70,7 @@ pub struct Kernel {
     pub repeat: u64,
     pub runs: u64,
     pub cpu: u64,
-    /// a, b, c, d.
+    /// a, b, c, d, then the floors a0 and b0 (the flow table alone).
     pub cases: Vec<KernelCase>,
     /// The reset step subtracted from the new-flow case.
     pub reset_ns: f64,
@@ -124,6 +124,20 @@ pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
             "reference_reflect",
             "median",
             "ns_per_packet",
+        )?,
+        case(
+            "a0",
+            "floor under (a): the flow table alone, one hit",
+            "flow_table_hit",
+            "median",
+            "ns_per_packet",
+        )?,
+        case(
+            "b0",
+            "floor under (b): the flow table alone, one insert (net)",
+            "flow_table_insert",
+            "net_median",
+            "net_ns_per_packet",
         )?,
     ];
     let flags: Vec<bool> = v["cases"]["new_flow"]["evicting"]
