@@ -372,9 +372,10 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      with xdplb's. One flow-table hit costs {} ns here, {} ns more than (d); \
                      xdplb's whole established path adds {} ns to it (VIP filter, backend \
                      entry, counters, rewrite). One insert costs {} ns; xdplb's new-flow path \
-                     adds {} ns to it (the miss, VIP lookup, Maglev slot, backend entry, \
-                     counters). A target below its floor cannot be met by a program that keeps \
-                     one kernel hash-table entry per flow, on this machine.\n",
+                     adds {} ns to it (VIP lookup, flow hash, Maglev slot, backend entry, \
+                     counters). Where a target lies below its floor, it cannot be met on this \
+                     machine while each flow is one entry of a kernel LRU hash with this key \
+                     and size.",
                     f(a0.median_ns, 0),
                     f(a0.median_ns - d.median_ns, 0),
                     f(a.median_ns - a0.median_ns, 0),
@@ -384,8 +385,10 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
             }
             let _ = writeln!(
                 md,
-                "\n(b) repeats with a fresh source address and port each time: a flow-table \
-                 miss, a Maglev lookup and an insert into a 2^20-entry LRU table. The reset \
+                "\n(b) sends a TCP SYN with a fresh source address and port each time: a VIP \
+                 lookup, a Maglev lookup and an insert into a 2^20-entry LRU table (a SYN \
+                 skips the flow lookup: the `BPF_NOEXIST` insert says whether the flow \
+                 exists). The reset \
                  step that rewrites the packet ({} ns) is measured alone and subtracted from \
                  the raw figure ({} ns). {}\n",
                 f(k.reset_ns, 0),
@@ -1076,8 +1079,8 @@ pub fn chart(r: &Results, path: &Path) -> Result<()> {
                         "a" => "established",
                         "b" => "new flow",
                         "c" => "non-VIP",
-                        "a0" => "table hit",
-                        "b0" => "table insert",
+                        "a0" => "hit only",
+                        "b0" => "insert only",
                         _ => "MAC swap",
                     }
                 ),
