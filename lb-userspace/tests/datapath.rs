@@ -1285,6 +1285,19 @@ fn three_key(h: &Harness, addr: &str) -> xdplb::state::BackendKey {
     )
 }
 
+/// Marks a backend of the "three" VIP down, as a failed health check does.
+fn mark_down(h: &mut Harness, address: &str) {
+    let key = three_key(h, address);
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    assert!(h
+        .state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
+            Health::Down)
+        .expect("mark down"));
+}
+
 #[test]
 fn flows_of_a_down_backend_move_and_are_counted_closed_once() {
     let mut h = Harness::new();
@@ -1299,15 +1312,7 @@ fn flows_of_a_down_backend_move_and_are_counted_closed_once() {
         h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
     }
     assert_eq!(opened_closed(&h, b3), (8, 0));
-    let key = three_key(&h, "10.200.0.13");
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    assert!(h
-        .state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
-            Health::Down)
-        .expect("mark down"));
+    mark_down(&mut h, "10.200.0.13");
     for round in 0..2 {
         for &p in &on_b3 {
             let (action, out) = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK));
@@ -1625,15 +1630,7 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
         h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
     }
     assert_eq!(opened_closed(&h, b3), (n, 0), "flows opened on one CPU");
-    let key = three_key(&h, "10.200.0.13");
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    assert!(h
-        .state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
-            Health::Down)
-        .expect("mark down"));
+    mark_down(&mut h, "10.200.0.13");
     let acks: Vec<Vec<u8>> = on_b3
         .iter()
         .map(|&p| tcp4_flags(VIP4_THREE, p, 80, TCP_ACK))
