@@ -198,6 +198,10 @@ pub struct FlowKey {
 /// closed. Later packets (the last ACKs) still go to its backend; a SYN
 /// starts a new flow.
 pub const FLOW_F_CLOSED: u64 = 1;
+/// `FlowValue::flags`: a SYN reusing this closed flow's 5-tuple is replacing
+/// the entry. Set atomically, so of two such SYNs handled at once on two
+/// CPUs one replaces the entry and counts the new flow.
+pub const FLOW_F_REOPENING: u64 = 2;
 
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes
 /// it: idle timeouts are seconds to minutes, so refreshing at most once a

@@ -19,9 +19,9 @@ use lb_common::{
     hash::{client_hash, flow_hash},
     ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowKey, FlowValue,
     Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS,
-    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS, RING_CHUNK_SLOTS,
-    VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
+    DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, FLOW_F_REOPENING,
+    LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS,
+    RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
 use network_types::{
     eth::EthHdr,
@@ -261,29 +261,38 @@ fn is_closing(tcp_flags: u8) -> bool {
 enum Tracked {
     /// Pinned: stay on this backend.
     Pinned(u32, Backend),
-    /// No entry (a new flow), or one that cannot be followed and is not
-    /// this packet's to replace: insert only if no entry exists
-    /// (`BPF_NOEXIST`), else follow the entry found then.
+    /// No entry (a new flow), or an entry this packet must neither follow
+    /// nor replace (a closed flow whose backend left, or one another CPU
+    /// is replacing): insert only if no entry exists (`BPF_NOEXIST`), else
+    /// follow the entry found then.
     Missing,
-    /// An entry to overwrite (`BPF_ANY`): an open flow whose backend was
-    /// replaced, removed or is down (then counted closed there, once), or
-    /// a SYN reusing the 5-tuple of a closed connection.
-    Stale,
+    /// An entry to overwrite once the ring has answered: an open flow whose
+    /// backend was replaced, removed or is down, or a closed flow whose
+    /// 5-tuple a SYN reuses. The CPU that sets `claim` in the entry's flags
+    /// (atomically) overwrites it and counts the flow, and a close on the
+    /// entry's backend when `count_close` (a down backend); any other CPU
+    /// follows the entry it finds. (No `Option` here: the verifier rejects
+    /// the uninitialised payload register LLVM spills for `None`.)
+    Replace {
+        entry: *mut FlowValue,
+        claim: u64,
+        backend: u32,
+        count_close: bool,
+    },
 }
 
-/// Sets the entry's closed flag; true if this call set it. Two packets of
-/// one flow may be handled at once on two CPUs (veth runs XDP on the
-/// sender's CPU; a NIC's RSS would keep them on one), so the flag is set
+/// Sets `bit` in the entry's flags; true if this call set it. Two packets
+/// of one flow may be handled at once on two CPUs (veth runs XDP on the
+/// sender's CPU; a NIC's RSS would keep them on one), so the bit is set
 /// atomically and only the CPU that set it acts on the change.
 #[inline(always)]
-fn mark_closed(entry: *mut FlowValue) -> bool {
+fn claim(entry: *mut FlowValue, bit: u64) -> bool {
     // SAFETY: a valid, 8-byte aligned map value field; other CPUs only read
-    // it or set it this way. (core's atomics offer no fetch_or on the BPF
+    // it or set bits this way. (core's atomics offer no fetch_or on the BPF
     // target; the intrinsic is BPF's atomic fetch-or.)
-    let before = unsafe {
-        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).flags, FLOW_F_CLOSED)
-    };
-    before & FLOW_F_CLOSED == 0
+    let before =
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).flags, bit) };
+    before & bit == 0
 }
 
 #[inline(always)]
@@ -293,30 +302,36 @@ fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Tracked {
     };
     // SAFETY: a valid map value pointer; copied out before use.
     let tracked = unsafe { *entry };
-    let Some(&backend) = XLB_BACKENDS.get(tracked.backend) else {
-        return Tracked::Stale;
-    };
     let closed = tracked.flags & FLOW_F_CLOSED != 0;
     if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection reusing a closed one's 5-tuple.
-        return Tracked::Stale;
+        return Tracked::Replace {
+            entry,
+            claim: FLOW_F_REOPENING,
+            backend: tracked.backend,
+            count_close: false,
+        };
     }
+    let Some(&backend) = XLB_BACKENDS.get(tracked.backend) else {
+        return Tracked::Missing;
+    };
     let replaced = backend.generation == 0 || backend.generation != tracked.generation;
     let down = backend.flags & BACKEND_F_DOWN != 0;
     if replaced || down {
-        // An open flow must move. Of two CPUs moving it at once, the one
-        // that marks the entry closed reschedules it (and counts the close
-        // on a down backend); the other, like any later packet of a flow
-        // that was already closed, follows whatever entry it then finds.
-        if !closed && mark_closed(entry) {
-            if !replaced {
-                count_closed(tracked.backend);
-            }
-            return Tracked::Stale;
+        // A closed flow's last packets go to the ring's answer, unpinned;
+        // an open flow moves, closed on a down backend (the claim sets the
+        // closed flag of the entry it replaces).
+        if closed {
+            return Tracked::Missing;
         }
-        return Tracked::Missing;
+        return Tracked::Replace {
+            entry,
+            claim: FLOW_F_CLOSED,
+            backend: tracked.backend,
+            count_close: !replaced,
+        };
     }
-    if !closed && is_closing(tcp_flags) && mark_closed(entry) {
+    if !closed && is_closing(tcp_flags) && claim(entry, FLOW_F_CLOSED) {
         count_closed(tracked.backend);
     }
     if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
@@ -326,16 +341,34 @@ fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Tracked {
     Tracked::Pinned(tracked.backend, backend)
 }
 
+/// The backend of the entry another CPU made or is replacing, if it can
+/// be followed; else the ring's answer. Never counted as a new flow.
+#[inline(always)]
+fn follow(
+    flow: &FlowKey,
+    tcp_flags: u8,
+    now: u64,
+    id: u32,
+    backend: Backend,
+) -> (u32, Backend, bool) {
+    match tracked_backend(flow, tcp_flags, now) {
+        Tracked::Pinned(id, backend) => (id, backend, false),
+        Tracked::Missing | Tracked::Replace { .. } => (id, backend, false),
+    }
+}
+
 /// Schedules a flow the table does not pin on the VIP's active Maglev
-/// ring and records it. Returns the backend and whether this packet made
-/// the flow (counted as a new flow).
+/// ring and records it (`found`: `Missing` or `Replace`). Returns the
+/// backend and whether this packet made the flow (counted as a new flow).
+/// Nothing is claimed or written before the ring has answered, so a flow
+/// whose VIP has no backend right now keeps its entry as it was.
 #[inline(always)]
 fn schedule(
     vip: &VipInfo,
     flow: &FlowKey,
     tcp_flags: u8,
     now: u64,
-    replace: bool,
+    found: Tracked,
 ) -> Result<(u32, Backend, bool), Reason> {
     // SAFETY: read-only globals; volatile so the compiler does not fold the
     // compiled-in defaults over the values the loader wrote.
@@ -368,31 +401,42 @@ fn schedule(
         last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    match XLB_FLOWS.insert(flow, &value, u64::from(flags)) {
-        Ok(()) => {}
-        // An entry exists: a SYN that skipped the lookup finds its flow, or
-        // two packets of one new flow ran at once on two CPUs (veth runs
-        // XDP on the sender's CPU) and the other CPU made the entry.
-        Err(e) if e == -EEXIST => match tracked_backend(flow, tcp_flags, now) {
-            Tracked::Pinned(id, backend) => return Ok((id, backend, false)),
-            // A SYN reusing a closed flow's 5-tuple, or an open flow whose
-            // backend left and that this packet claimed: overwrite it.
-            Tracked::Stale => {
-                let _ = XLB_FLOWS.insert(flow, &value, u64::from(BPF_ANY));
+    let made = match found {
+        // The entry pointer was taken moments ago in this run; an LRU entry
+        // evicted and reused in between would at worst get a flag set.
+        Tracked::Replace {
+            entry,
+            claim: bit,
+            backend: old,
+            count_close,
+        } => {
+            if !claim(entry, bit) {
+                return Ok(follow(flow, tcp_flags, now, id, backend));
             }
-            // Another CPU is moving this flow: the ring's answer, uncounted.
-            Tracked::Missing => return Ok((id, backend, false)),
-        },
-        // Any other failure is memory pressure: the packet still goes to
-        // the ring's answer, which stays the same until the backend set
-        // changes.
-        Err(_) => {}
-    }
-    if closing {
+            if count_close {
+                count_closed(old);
+            }
+            XLB_FLOWS.insert(flow, &value, u64::from(BPF_ANY)).is_ok()
+        }
+        Tracked::Missing | Tracked::Pinned(..) => {
+            match XLB_FLOWS.insert(flow, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => true,
+                // Two packets of one new flow ran at once on two CPUs (veth
+                // runs XDP on the sender's CPU): the other made the entry
+                // and counted the flow.
+                Err(e) if e == -EEXIST => return Ok(follow(flow, tcp_flags, now, id, backend)),
+                // Memory pressure: the packet still goes to the ring's
+                // answer (the same until the backend set changes), but a
+                // flow without an entry is never counted closed or expired,
+                // so it is not counted either.
+                Err(_) => false,
+            }
+        }
+    };
+    if made && closing {
         count_closed(id);
     }
-    Ok((id, backend, true))
+    Ok((id, backend, made))
 }
 
 #[inline(always)]
@@ -445,24 +489,15 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
 
     // An established flow needs no VIP lookup: its backend entry names the
     // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
-    // through to the VIP lookup like a new one. A SYN without ACK opens a
-    // connection: it skips the flow lookup, and the insert (which fails if
-    // the entry exists) tells whether the flow is known after all.
-    let syn_only = parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let found = if syn_only {
-        Tracked::Missing
-    } else {
-        tracked_backend(&flow, parsed.tcp_flags, now)
-    };
-    let (id, backend, vip_id, new_flow) = match found {
+    // through to the VIP lookup like a new one.
+    let (id, backend, vip_id, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
         Tracked::Pinned(id, backend) => (id, backend, backend.vip_id, false),
         found => {
             // SAFETY: copied out at once (see tracked_backend).
             let vip = unsafe { XLB_VIPS.get(&vip_key) }
                 .copied()
                 .ok_or(Reason::PassNotVip)?;
-            let replace = matches!(found, Tracked::Stale);
-            let (id, backend, new_flow) = schedule(&vip, &flow, parsed.tcp_flags, now, replace)?;
+            let (id, backend, new_flow) = schedule(&vip, &flow, parsed.tcp_flags, now, found)?;
             (id, backend, vip.id, new_flow)
         }
     };

@@ -1285,17 +1285,20 @@ fn three_key(h: &Harness, addr: &str) -> xdplb::state::BackendKey {
     )
 }
 
-/// Marks a backend of the "three" VIP down, as a failed health check does.
-fn mark_down(h: &mut Harness, address: &str) {
+/// Sets a backend of the "three" VIP's health, as its health check does.
+fn set_health(h: &mut Harness, address: &str, health: Health) {
     let key = three_key(h, address);
     let mut resolver = TestResolver {
         egress_ifindex: h.resolver.egress_ifindex,
     };
     assert!(h
         .state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health =
-            Health::Down)
-        .expect("mark down"));
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health = health)
+        .expect("set health"));
+}
+
+fn mark_down(h: &mut Harness, address: &str) {
+    set_health(h, address, Health::Down);
 }
 
 #[test]
@@ -1531,9 +1534,14 @@ fn pin_to_cpu(cpu: usize) {
 /// Sends each packet from two CPUs at once: both threads send packet i,
 /// then wait for each other (spinning, so they start the next one
 /// together). On veth (and in generic mode) XDP runs on the sending CPU,
-/// so two packets of one flow can be handled at the same time.
-fn race_on_two_cpus(h: &mut Harness, packets: &[Vec<u8>]) {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// so two packets of one flow can be handled at the same time. Returns,
+/// per packet, the destination MAC each CPU's copy was sent to; asserts
+/// both were forwarded (XDP_TX) to the same backend.
+fn race_on_two_cpus(h: &mut Harness, packets: &[Vec<u8>]) -> Vec<[u8; 6]> {
+    use std::{
+        sync::atomic::{AtomicBool, AtomicU64, Ordering},
+        time::{Duration, Instant},
+    };
 
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     assert!(
@@ -1542,33 +1550,64 @@ fn race_on_two_cpus(h: &mut Harness, packets: &[Vec<u8>]) {
     );
     let program: &aya::programs::Xdp = h.dp.program_mut();
     let arrived = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for cpu in 0..2 {
-            let arrived = &arrived;
-            s.spawn(move || {
-                pin_to_cpu(cpu);
-                for (i, packet) in packets.iter().enumerate() {
-                    let mut out = vec![0u8; packet.len() + 256];
-                    let r = program
-                        .test_run(TestRunOptions {
-                            data_in: Some(packet),
-                            data_out: Some(&mut out),
-                            ..TestRunOptions::default()
-                        })
-                        .expect("BPF_PROG_TEST_RUN");
-                    assert_eq!(r.return_value, XDP_TX, "packet {i} on CPU {cpu}");
-                    arrived.fetch_add(1, Ordering::SeqCst);
-                    let all = 2 * (i as u64 + 1);
-                    while arrived.load(Ordering::SeqCst) < all {
-                        std::hint::spin_loop();
+    // Set by a thread that stops early, so the other never waits forever.
+    let gave_up = AtomicBool::new(false);
+    let mut macs: Vec<Vec<[u8; 6]>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..2)
+            .map(|cpu| {
+                let (arrived, gave_up) = (&arrived, &gave_up);
+                s.spawn(move || {
+                    struct GiveUpOnPanic<'a>(&'a AtomicBool);
+                    impl Drop for GiveUpOnPanic<'_> {
+                        fn drop(&mut self) {
+                            if std::thread::panicking() {
+                                self.0.store(true, Ordering::SeqCst);
+                            }
+                        }
                     }
-                }
-            });
-        }
+                    let _guard = GiveUpOnPanic(gave_up);
+                    pin_to_cpu(cpu);
+                    let mut macs = Vec::with_capacity(packets.len());
+                    for (i, packet) in packets.iter().enumerate() {
+                        let mut out = vec![0u8; packet.len() + 256];
+                        let r = program
+                            .test_run(TestRunOptions {
+                                data_in: Some(packet),
+                                data_out: Some(&mut out),
+                                ..TestRunOptions::default()
+                            })
+                            .expect("BPF_PROG_TEST_RUN");
+                        assert_eq!(r.return_value, XDP_TX, "packet {i} on CPU {cpu}");
+                        macs.push(out[0..6].try_into().expect("6 bytes"));
+                        arrived.fetch_add(1, Ordering::SeqCst);
+                        let all = 2 * (i as u64 + 1);
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while arrived.load(Ordering::SeqCst) < all {
+                            assert!(
+                                !gave_up.load(Ordering::SeqCst) && Instant::now() < deadline,
+                                "CPU {cpu}: the other thread stopped before packet {i}"
+                            );
+                            std::hint::spin_loop();
+                        }
+                    }
+                    macs
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a racing thread panicked (see above)"))
+            .collect()
     });
+    for (i, (a, b)) in macs[0].iter().zip(&macs[1]).enumerate() {
+        assert_eq!(
+            a, b,
+            "packet {i}: the two CPUs sent its copies to different backends"
+        );
+    }
+    macs.swap_remove(0)
 }
 
-/// Well under the fixture's flow table size (4096), so none is evicted.
 const RACED_FLOWS: u16 = 2_000;
 
 fn raced_packets(flags: u8) -> Vec<Vec<u8>> {
@@ -1585,6 +1624,12 @@ fn a_new_flow_raced_on_two_cpus_is_counted_once() {
     let (b1, _) = h.backend("single-tcp", "10.200.0.11");
     let before = opened_closed(&h, b1);
     race_on_two_cpus(&mut h, &raced_packets(TCP_SYN));
+    for p in 0..RACED_FLOWS {
+        let flow =
+            h.dp.flow(&flow4(CLIENT4, VIP4, 10_000 + p, 80, PROTO_TCP))
+                .expect("each raced flow has its entry");
+        assert_eq!((flow.backend, flow.flags), (b1, 0), "port {}", 10_000 + p);
+    }
     let (opened, closed) = opened_closed(&h, b1);
     assert_eq!(
         (opened - before.0, closed - before.1),
@@ -1606,7 +1651,14 @@ fn a_fin_raced_on_two_cpus_closes_its_flow_once() {
         (u64::from(RACED_FLOWS), 0),
         "flows opened on one CPU"
     );
-    race_on_two_cpus(&mut h, &raced_packets(TCP_FIN | TCP_ACK));
+    let macs = race_on_two_cpus(&mut h, &raced_packets(TCP_FIN | TCP_ACK));
+    assert!(macs.iter().all(|m| *m == B1_MAC), "FINs follow their flows");
+    for p in 0..RACED_FLOWS {
+        let flow =
+            h.dp.flow(&flow4(CLIENT4, VIP4, 10_000 + p, 80, PROTO_TCP))
+                .expect("a closed flow keeps its entry");
+        assert_eq!(flow.flags, lb_common::FLOW_F_CLOSED, "port {}", 10_000 + p);
+    }
     let (opened, closed) = opened_closed(&h, b1);
     assert_eq!(
         (opened - before.0, closed - before.1),
@@ -1635,7 +1687,18 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
         .iter()
         .map(|&p| tcp4_flags(VIP4_THREE, p, 80, TCP_ACK))
         .collect();
-    race_on_two_cpus(&mut h, &acks);
+    let macs = race_on_two_cpus(&mut h, &acks);
+    for (&p, mac) in on_b3.iter().zip(&macs) {
+        assert_ne!(*mac, B3_MAC, "port {p} still sent to the down backend");
+        let flow =
+            h.dp.flow(&flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP))
+                .expect("the moved flow has an entry");
+        assert_eq!(
+            (h.mac_of("three", flow.backend), flow.flags),
+            (*mac, 0),
+            "port {p}: moved, pinned where its packets went, open"
+        );
+    }
     assert_eq!(
         opened_closed(&h, b3),
         (n, n),
@@ -1647,4 +1710,72 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
         .map(|a| opened_closed(&h, h.backend("three", a).0).0)
         .sum();
     assert_eq!(moved, n, "and opened once on the backends that took them");
+}
+
+#[test]
+fn a_flow_keeps_its_entry_while_its_vip_has_no_backend() {
+    // Every backend down: the flow's packets are dropped, but its entry is
+    // neither closed nor moved, so it resumes on its backend when that
+    // backend is back, without being counted again.
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let port = (52000..52400u16)
+        .find(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .expect("a port the ring gives b3");
+    h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_SYN));
+    for a in ["10.200.0.11", "10.200.0.12", "10.200.0.13"] {
+        mark_down(&mut h, a);
+    }
+    let (action, _) = h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_ACK));
+    assert_eq!(action, XDP_DROP, "no backend up");
+    let flow =
+        h.dp.flow(&flow4(CLIENT4, VIP4_THREE, port, 80, PROTO_TCP))
+            .expect("entry kept");
+    assert_eq!(
+        (flow.backend, flow.flags),
+        (b3, 0),
+        "still open, still on b3"
+    );
+    assert_eq!(opened_closed(&h, b3), (1, 0), "not counted closed");
+    set_health(&mut h, "10.200.0.13", Health::Up);
+    let (action, out) = h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_ACK));
+    assert_eq!((action, &out[0..6]), (XDP_TX, &B3_MAC[..]), "back on b3");
+    assert_eq!(opened_closed(&h, b3), (1, 0), "the same flow, counted once");
+}
+
+#[test]
+fn syns_reusing_closed_tuples_raced_on_two_cpus_open_once() {
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    for flags in [TCP_SYN, TCP_RST] {
+        for p in raced_packets(flags) {
+            h.run(&p);
+        }
+    }
+    let flows = u64::from(RACED_FLOWS);
+    assert_eq!(
+        opened_closed(&h, b1),
+        (flows, flows),
+        "opened and reset on one CPU"
+    );
+    race_on_two_cpus(&mut h, &raced_packets(TCP_SYN));
+    assert_eq!(
+        opened_closed(&h, b1),
+        (2 * flows, flows),
+        "{RACED_FLOWS} closed 5-tuples, each reused by a SYN sent from two CPUs at once: \
+         each new connection counted once, open"
+    );
+    for p in 0..RACED_FLOWS {
+        let flow =
+            h.dp.flow(&flow4(CLIENT4, VIP4, 10_000 + p, 80, PROTO_TCP))
+                .expect("entry");
+        assert_eq!(
+            flow.flags,
+            0,
+            "port {}: the new connection's entry",
+            10_000 + p
+        );
+    }
 }

@@ -372,8 +372,8 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      with xdplb's. One flow-table hit costs {} ns here, {} ns more than (d); \
                      xdplb's whole established path adds {} ns to it (VIP filter, backend \
                      entry, counters, rewrite). One insert costs {} ns; xdplb's new-flow path \
-                     adds {} ns to it (VIP lookup, flow hash, Maglev slot, backend entry, \
-                     counters). Where a target lies below its floor, it cannot be met on this \
+                     adds {} ns to it (the miss, VIP lookup, flow hash, Maglev slot, backend \
+                     entry, counters). Where a target lies below its floor, it cannot be met on this \
                      machine while each flow is one entry of a kernel LRU hash with this key \
                      and size.",
                     f(a0.median_ns, 0),
@@ -385,10 +385,9 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
             }
             let _ = writeln!(
                 md,
-                "\n(b) sends a TCP SYN with a fresh source address and port each time: a VIP \
-                 lookup, a Maglev lookup and an insert into a 2^20-entry LRU table (a SYN \
-                 skips the flow lookup: the `BPF_NOEXIST` insert says whether the flow \
-                 exists). The reset \
+                "\n(b) sends a TCP SYN with a fresh source address and port each time: a \
+                 flow-table miss, a VIP lookup, a Maglev lookup and a `BPF_NOEXIST` insert \
+                 into a 2^20-entry LRU table. The reset \
                  step that rewrites the packet ({} ns) is measured alone and subtracted from \
                  the raw figure ({} ns). {}\n",
                 f(k.reset_ns, 0),
