@@ -1397,6 +1397,14 @@ fn a_restarted_daemon_adopts_pinned_maps() {
         "/sys/fs/bpf/xdplb-test-adopt-{}",
         std::process::id()
     ));
+    // The pins go when the test ends, also when it fails half-way.
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _pins = RemoveOnDrop(dir.clone());
     xdplb::bpffs::ensure_mounted(&dir).expect("bpffs");
     let mut h = Harness::new();
     // Swap the harness's unpinned datapath for a pinned one.
