@@ -3,9 +3,6 @@ use core::{
     mem,
 };
 
-/// errno of a `BPF_NOEXIST` insert whose key exists.
-const EEXIST: i32 = 17;
-
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -74,6 +71,8 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+/// errno of a `BPF_NOEXIST` insert whose key exists.
+const EEXIST: i32 = 17;
 
 #[xdp]
 pub fn xlb_lb(ctx: XdpContext) -> u32 {
@@ -342,19 +341,14 @@ fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Tracked {
 }
 
 /// The backend of the entry another CPU made or is replacing, if it can
-/// be followed; else the ring's answer. Never counted as a new flow.
+/// be followed; else the ring's answer (`ring`). Never a new flow.
 #[inline(always)]
-fn follow(
-    flow: &FlowKey,
-    tcp_flags: u8,
-    now: u64,
-    id: u32,
-    backend: Backend,
-) -> (u32, Backend, bool) {
-    match tracked_backend(flow, tcp_flags, now) {
-        Tracked::Pinned(id, backend) => (id, backend, false),
-        Tracked::Missing | Tracked::Replace { .. } => (id, backend, false),
-    }
+fn follow(flow: &FlowKey, tcp_flags: u8, now: u64, ring: (u32, Backend)) -> (u32, Backend, bool) {
+    let (id, backend) = match tracked_backend(flow, tcp_flags, now) {
+        Tracked::Pinned(id, backend) => (id, backend),
+        Tracked::Missing | Tracked::Replace { .. } => ring,
+    };
+    (id, backend, false)
 }
 
 /// Schedules a flow the table does not pin on the VIP's active Maglev
@@ -411,7 +405,7 @@ fn schedule(
             count_close,
         } => {
             if !claim(entry, bit) {
-                return Ok(follow(flow, tcp_flags, now, id, backend));
+                return Ok(follow(flow, tcp_flags, now, (id, backend)));
             }
             if count_close {
                 count_closed(old);
@@ -424,7 +418,7 @@ fn schedule(
                 // Two packets of one new flow ran at once on two CPUs (veth
                 // runs XDP on the sender's CPU): the other made the entry
                 // and counted the flow.
-                Err(e) if e == -EEXIST => return Ok(follow(flow, tcp_flags, now, id, backend)),
+                Err(e) if e == -EEXIST => return Ok(follow(flow, tcp_flags, now, (id, backend))),
                 // Memory pressure: the packet still goes to the ring's
                 // answer (the same until the backend set changes), but a
                 // flow without an entry is never counted closed or expired,

@@ -512,6 +512,19 @@ fn time_run(program: &mut Xdp, packet: &[u8], repeat: u32, expect: u32, case: &s
     Ok(result.duration.as_nanos() as f64)
 }
 
+/// A case timed behind the reset step: its raw runs, and the same runs
+/// net of the reset step's run by run (`net_ns_per_packet`, `net_median`),
+/// which its ratio to the reference uses. Returns the JSON and the net runs.
+fn net_case_json(raw: &[f64], reset: &[f64], reference: f64) -> (Value, Vec<f64>) {
+    let net: Vec<f64> = raw.iter().zip(reset).map(|(r, z)| r - z).collect();
+    let net_median = median(&net);
+    let mut v = case_json(raw, reference);
+    v["ratio_to_reference"] = json!(round(net_median / reference, 3));
+    v["net_ns_per_packet"] = json!(net);
+    v["net_median"] = json!(net_median);
+    (v, net)
+}
+
 fn case_json(ns: &[f64], reference: f64) -> Value {
     let m = median(ns);
     json!({
@@ -714,12 +727,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     let elapsed = started.elapsed();
 
     let reference = median(&d);
-    let net: Vec<f64> = b.iter().zip(&reset).map(|(b, r)| b - r).collect();
+    let (mut new_flow_json, net) = net_case_json(&b, &reset, reference);
     let net_median = median(&net);
-    let mut new_flow_json = case_json(&b, reference);
-    new_flow_json["ratio_to_reference"] = json!(round(net_median / reference, 3));
-    new_flow_json["net_ns_per_packet"] = json!(net);
-    new_flow_json["net_median"] = json!(net_median);
     new_flow_json["flow_entries_after"] = json!(flow_entries);
     new_flow_json["new_flows_counted"] = json!(new_flows_counted);
     new_flow_json["evicting"] = json!(evicting);
@@ -737,11 +746,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     new_flow_json["net_median_filling"] = json!(net_where(false));
     new_flow_json["net_median_evicting"] = json!(net_where(true));
 
-    let insert_net: Vec<f64> = insert.iter().zip(&reset).map(|(i, r)| i - r).collect();
-    let mut insert_json = case_json(&insert, reference);
-    insert_json["ratio_to_reference"] = json!(round(median(&insert_net) / reference, 3));
-    insert_json["net_ns_per_packet"] = json!(insert_net);
-    insert_json["net_median"] = json!(median(&insert_net));
+    let (insert_json, insert_net) = net_case_json(&insert, &reset, reference);
 
     eprintln!(
         "\nkernel: repeat {repeat}, {runs} runs on CPU {cpu} in {:.1} s; median ns/packet:",

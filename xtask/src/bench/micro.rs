@@ -28,25 +28,26 @@ fn run_bench(quick: bool, args: &[&str]) -> Result<(Value, String)> {
     Ok((v, shown))
 }
 
-fn f64_at(v: &Value, path: &[&str]) -> Result<f64> {
+/// The value at `path` in the benchmark JSON.
+fn at<'a>(v: &'a Value, path: &[&str]) -> Result<&'a Value> {
     let mut cur = v;
     for p in path {
         cur = cur
             .get(p)
             .with_context(|| format!("no `{}` in the benchmark JSON", path.join(".")))?;
     }
+    Ok(cur)
+}
+
+fn f64_at(v: &Value, path: &[&str]) -> Result<f64> {
+    let cur = at(v, path)?;
     cur.as_f64()
         .with_context(|| format!("`{}` is not a number: {cur}", path.join(".")))
 }
 
 fn f64s_at(v: &Value, path: &[&str]) -> Result<Vec<f64>> {
-    let mut cur = v;
-    for p in path {
-        cur = cur
-            .get(p)
-            .with_context(|| format!("no `{}` in the benchmark JSON", path.join(".")))?;
-    }
-    cur.as_array()
+    at(v, path)?
+        .as_array()
         .with_context(|| format!("`{}` is not an array", path.join(".")))?
         .iter()
         .map(|x| x.as_f64().context("not a number"))
