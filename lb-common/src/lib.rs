@@ -7,6 +7,7 @@
 //! packet: an IPv4 address occupies word 0 and words 1..3 are zero.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod flow_table;
 pub mod hash;
 #[cfg(feature = "std")]
 pub mod maglev;
@@ -54,6 +55,8 @@ pub mod globals {
     pub const RING_SIZE: &str = "XLB_RING_SIZE";
     /// `u32`: `XLB_RINGS` entries per ring, `ceil(RING_SIZE / RING_CHUNK_SLOTS)`.
     pub const RING_CHUNKS: &str = "XLB_RING_CHUNKS";
+    /// `u32`: buckets of the flow table, `flow_table_size / FLOW_WAYS`.
+    pub const FLOW_BUCKETS: &str = "XLB_FLOW_BUCKETS";
 }
 
 /// The XDP program names in the object file.
@@ -179,7 +182,7 @@ pub struct Backend {
     pub _pad: [u8; 3],
 }
 
-/// `XLB_FLOWS` key: the 5-tuple of a client-to-VIP packet.
+/// The 5-tuple of a client-to-VIP packet: what a flow-table slot is for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -208,7 +211,7 @@ pub const FLOW_F_REOPENING: u64 = 2;
 /// second keeps the write off most packets.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
-/// `XLB_FLOWS` value.
+/// What the flow table keeps of a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -323,7 +326,29 @@ impl Reason {
     }
 }
 
+/// Slots per flow-table bucket: a flow lives in one of the `FLOW_WAYS`
+/// slots of the bucket its `flow_table::slot_hash` picks.
+pub const FLOW_WAYS: u32 = 4;
+/// `FlowSlot::seq` bit of a bucket's first slot: the bucket's write lock.
+pub const FLOW_BUCKET_LOCK: u64 = 1 << 63;
+
+/// One `XLB_FLOWS` array entry. The table is `flow_table_size` slots in
+/// buckets of `FLOW_WAYS`; every write to a bucket's slots (datapath or
+/// daemon) holds the bucket's lock, and every write bumps `seq` to odd
+/// before and to even after, so lockless readers can tell a torn read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    /// Write count: odd while a write is in progress. Bit 63
+    /// (`FLOW_BUCKET_LOCK`) of a bucket's first slot is the bucket's lock.
+    pub seq: u64,
+    /// All zero (`family` 0) in an empty slot.
+    pub key: FlowKey,
+    pub value: FlowValue,
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<FlowSlot>() == 72);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 52);
@@ -343,6 +368,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FlowSlot {}
     unsafe impl aya::Pod for super::Counters {}
 }
 

@@ -15,16 +15,28 @@
 //! - `xlb_bench_flow_hit` / `xlb_bench_flow_insert`: the flow table alone,
 //!   the floor under the load balancer's established and new-flow paths:
 //!   build the same `FlowKey` from an IPv4 TCP/UDP frame, then one lookup
-//!   (MAC swap, XDP_TX on a hit) or one `BPF_NOEXIST` insert of a
-//!   `FlowValue` into `XLB_BENCH_FLOWS`, an LRU hash of the same types that
-//!   the bench sizes like the load balancer's table.
+//!   (MAC swap, XDP_TX on a hit) or one insert (bucket locks, victim slot,
+//!   write) with the load balancer's own table code (flows.rs) into
+//!   `XLB_BENCH_FLOWS`, sized by the bench like the load balancer's table.
+//! - `xlb_bench_lru_hit` / `xlb_bench_lru_insert`: the same on a kernel LRU
+//!   hash of `FlowKey` -> `FlowValue` (`XLB_BENCH_LRU`, same flow count),
+//!   what the flow table was before: the comparison that justifies it.
 //!
 //! Map names and counter slots are mirrored in the host binary.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// flows.rs's bucket lock (see main.rs).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics, for the bucket lock")
+)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod flows;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -34,10 +46,15 @@ mod programs {
         bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
         helpers::bpf_get_smp_processor_id,
         macros::{map, xdp},
-        maps::{DevMap, LruHashMap, PerCpuArray, ProgramArray},
+        maps::{Array, DevMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
-    use lb_common::{FlowKey, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+    use lb_common::{
+        flow_table::{bucket_pair, key_words, slot_hash},
+        FlowKey, FlowSlot, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    };
+
+    use crate::flows;
     use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
     /// Slot 0: the program `xlb_bench_reset` hands each packet to.
@@ -54,9 +71,15 @@ mod programs {
     #[map]
     static XLB_BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
-    /// Sized by the bench at load time like the load balancer's flow table.
+    /// Sized by the bench at load time like the load balancer's flow table
+    /// (`XLB_BENCH_FLOW_BUCKETS` too).
     #[map]
-    static XLB_BENCH_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
+    static XLB_BENCH_FLOWS: Array<FlowSlot> = Array::with_max_entries(1, 0);
+    #[unsafe(no_mangle)]
+    static XLB_BENCH_FLOW_BUCKETS: u32 = 0;
+    /// Sized by the bench: as many entries as the flow table holds flows.
+    #[map]
+    static XLB_BENCH_LRU: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
 
     const COUNT_GEN: u32 = 0;
     const COUNT_SINK: u32 = 1;
@@ -171,33 +194,92 @@ mod programs {
         })
     }
 
-    #[xdp]
-    pub fn xlb_bench_flow_hit(ctx: XdpContext) -> u32 {
-        let (Some(key), Some(eth)) = (flow_key(&ctx), ptr_at::<EthHdr>(&ctx, 0)) else {
+    /// A flow-table entry of the kind the load balancer writes.
+    const VALUE: FlowValue = FlowValue {
+        backend: 1,
+        generation: 1,
+        last_seen_ns: 0,
+        flags: 0,
+    };
+
+    #[inline(always)]
+    fn pair(words: &[u64; 5]) -> [u32; 2] {
+        // SAFETY: a read-only global the loader sets; volatile so the
+        // compiled-in 0 is not folded in.
+        let buckets = unsafe { core::ptr::read_volatile(&XLB_BENCH_FLOW_BUCKETS) };
+        bucket_pair(slot_hash(words), buckets)
+    }
+
+    #[inline(always)]
+    fn swap_macs(ctx: &XdpContext) -> u32 {
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return XDP_ABORTED;
         };
-        if XLB_BENCH_FLOWS.get_ptr(&key).is_none() {
-            return XDP_DROP;
-        }
         // SAFETY: ptr_at checked the header lies inside the packet.
         unsafe { core::mem::swap(&mut (*eth).dst_addr, &mut (*eth).src_addr) };
         XDP_TX
     }
 
     #[xdp]
+    pub fn xlb_bench_flow_hit(ctx: XdpContext) -> u32 {
+        let Some(key) = flow_key(&ctx) else {
+            return XDP_ABORTED;
+        };
+        let words = key_words(&key);
+        if flows::find(&XLB_BENCH_FLOWS, &pair(&words), &words)
+            .slot
+            .is_null()
+        {
+            return XDP_DROP;
+        }
+        swap_macs(&ctx)
+    }
+
+    /// Inserts as the load balancer does a new flow. XDP_TX: inserted;
+    /// XDP_PASS: the key exists; XDP_DROP: the locks stayed taken.
+    #[xdp]
     pub fn xlb_bench_flow_insert(ctx: XdpContext) -> u32 {
         let Some(key) = flow_key(&ctx) else {
             return XDP_ABORTED;
         };
-        let value = FlowValue {
-            backend: 1,
-            generation: 1,
-            last_seen_ns: 0,
-            flags: 0,
+        let words = key_words(&key);
+        let pair = pair(&words);
+        let held = flows::lock(&XLB_BENCH_FLOWS, &pair);
+        if held.low.is_null() {
+            return XDP_DROP;
+        }
+        let action = if flows::find_locked(&XLB_BENCH_FLOWS, &pair, &words).is_some() {
+            XDP_PASS
+        } else if let Some((slot, _)) = flows::victim(&XLB_BENCH_FLOWS, &pair) {
+            // SAFETY: a slot of the buckets we locked.
+            unsafe { flows::write(slot, &words, &VALUE) };
+            XDP_TX
+        } else {
+            XDP_DROP
         };
-        // BPF_NOEXIST, as the load balancer inserts a new flow. XDP_TX:
-        // inserted; XDP_PASS: the key exists; XDP_DROP: any other failure.
-        match XLB_BENCH_FLOWS.insert(&key, &value, 1) {
+        flows::unlock(&held);
+        action
+    }
+
+    #[xdp]
+    pub fn xlb_bench_lru_hit(ctx: XdpContext) -> u32 {
+        let Some(key) = flow_key(&ctx) else {
+            return XDP_ABORTED;
+        };
+        if XLB_BENCH_LRU.get_ptr(&key).is_none() {
+            return XDP_DROP;
+        }
+        swap_macs(&ctx)
+    }
+
+    /// A `BPF_NOEXIST` insert. XDP_TX: inserted; XDP_PASS: the key exists;
+    /// XDP_DROP: any other failure.
+    #[xdp]
+    pub fn xlb_bench_lru_insert(ctx: XdpContext) -> u32 {
+        let Some(key) = flow_key(&ctx) else {
+            return XDP_ABORTED;
+        };
+        match XLB_BENCH_LRU.insert(&key, &VALUE, 1) {
             Ok(()) => XDP_TX,
             Err(-17) => XDP_PASS,
             Err(_) => XDP_DROP,

@@ -1,22 +1,21 @@
-use core::{
-    intrinsics::{atomic_or, AtomicOrdering},
-    mem,
-};
+use core::mem;
 
+use crate::flows::{self, Found};
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-        BPF_ANY, BPF_NOEXIST,
+        BPF_F_MMAPABLE,
     },
     macros::{map, xdp},
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
+    flow_table::{bucket_pair, buckets_for, key_words, slot_hash, slots_for},
     hash::{client_hash, flow_hash},
-    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowKey, FlowValue,
-    Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, FLOW_F_REOPENING,
+    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowKey, FlowSlot,
+    FlowValue, Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED,
     LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS,
     RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
@@ -36,9 +35,10 @@ static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static XLB_RINGS: Array<RingChunk> =
     Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * ring_chunks_for(DEFAULT_RING_SIZE), 0);
+/// Mmapable: the daemon reads and sweeps it in place (see flows.rs).
 #[map]
-static XLB_FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+static XLB_FLOWS: Array<FlowSlot> =
+    Array::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_MMAPABLE);
 #[map]
 static XLB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
@@ -61,6 +61,8 @@ static XLB_CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 static XLB_RING_SIZE: u32 = DEFAULT_RING_SIZE;
 #[unsafe(no_mangle)]
 static XLB_RING_CHUNKS: u32 = ring_chunks_for(DEFAULT_RING_SIZE);
+#[unsafe(no_mangle)]
+static XLB_FLOW_BUCKETS: u32 = buckets_for(slots_for(DEFAULT_FLOW_TABLE_SIZE));
 
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
@@ -71,8 +73,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// errno of a `BPF_NOEXIST` insert whose key exists.
-const EEXIST: i32 = 17;
 
 #[xdp]
 pub fn xlb_lb(ctx: XdpContext) -> u32 {
@@ -257,109 +257,184 @@ fn is_closing(tcp_flags: u8) -> bool {
 }
 
 /// What the flow table says about a packet's flow.
-enum Tracked {
-    /// Pinned: stay on this backend.
-    Pinned(u32, Backend),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Track {
+    /// Pinned: stay on `Tracked::backend` (id `Tracked::id`).
+    Pinned,
     /// No entry (a new flow), or an entry this packet must neither follow
-    /// nor replace (a closed flow whose backend left, or one another CPU
-    /// is replacing): insert only if no entry exists (`BPF_NOEXIST`), else
+    /// nor replace (a closed flow whose backend left), or one being written
+    /// right now: under the bucket lock, insert if no entry exists, else
     /// follow the entry found then.
     Missing,
     /// An entry to overwrite once the ring has answered: an open flow whose
     /// backend was replaced, removed or is down, or a closed flow whose
-    /// 5-tuple a SYN reuses. The CPU that sets `claim` in the entry's flags
-    /// (atomically) overwrites it and counts the flow, and a close on the
-    /// entry's backend when `count_close` (a down backend); any other CPU
-    /// follows the entry it finds. (No `Option` here: the verifier rejects
-    /// the uninitialised payload register LLVM spills for `None`.)
-    Replace {
-        entry: *mut FlowValue,
-        claim: u64,
-        backend: u32,
-        count_close: bool,
-    },
+    /// 5-tuple a SYN reuses. Overwritten under the bucket lock only if the
+    /// entry is still as read (`Tracked::seq`), and then a close is counted
+    /// on its backend (`Tracked::id`) when `Tracked::count_close` (a down
+    /// backend). Two packets of one flow may be handled at once on two CPUs
+    /// (veth runs XDP on the sender's CPU; a NIC's RSS would keep them on
+    /// one): the second finds the entry changed and follows it.
+    Replace,
 }
 
-/// Sets `bit` in the entry's flags; true if this call set it. Two packets
-/// of one flow may be handled at once on two CPUs (veth runs XDP on the
-/// sender's CPU; a NIC's RSS would keep them on one), so the bit is set
-/// atomically and only the CPU that set it acts on the change.
+/// `Track` and what goes with it. A struct with every field set on every
+/// path, not an enum with payloads: LLVM leaves the payload registers of
+/// a variant without them uninitialised, spills them where paths merge,
+/// and the verifier rejects the read ("!read_ok").
+#[derive(Clone, Copy)]
+struct Tracked {
+    track: Track,
+    id: u32,
+    seq: u64,
+    count_close: bool,
+    backend: Backend,
+}
+
+impl Tracked {
+    #[inline(always)]
+    fn missing() -> Self {
+        Self {
+            track: Track::Missing,
+            id: 0,
+            seq: 0,
+            count_close: false,
+            backend: Backend::default(),
+        }
+    }
+
+    #[inline(always)]
+    fn replace(seq: u64, id: u32, count_close: bool) -> Self {
+        Self {
+            track: Track::Replace,
+            id,
+            seq,
+            count_close,
+            backend: Backend::default(),
+        }
+    }
+}
+
+/// The flow table's bucket count (a read-only global the loader sets).
 #[inline(always)]
-fn claim(entry: *mut FlowValue, bit: u64) -> bool {
-    // SAFETY: a valid, 8-byte aligned map value field; other CPUs only read
-    // it or set bits this way. (core's atomics offer no fetch_or on the BPF
-    // target; the intrinsic is BPF's atomic fetch-or.)
-    let before =
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).flags, bit) };
-    before & bit == 0
+fn flow_buckets() -> u32 {
+    // SAFETY: read-only global; volatile so the compiler does not fold the
+    // compiled-in default over the value the loader wrote.
+    unsafe { core::ptr::read_volatile(&XLB_FLOW_BUCKETS) }
+}
+
+/// Marks the flow closed (a FIN or RST) and counts the close on the
+/// backend its entry names, once: under the bucket lock, and only if the
+/// entry is still open.
+#[inline(always)]
+fn close(words: &[u64; 5], pair: &[u32; 2]) {
+    let held = flows::lock(&XLB_FLOWS, pair);
+    if held.low.is_null() {
+        // Contended past the bound: uncounted here, the flow expires.
+        return;
+    }
+    if let Some(slot) = flows::find_locked(&XLB_FLOWS, pair, words) {
+        // SAFETY: a valid map value pointer in the bucket we locked.
+        let mut value = unsafe { (*slot).value };
+        if value.flags & FLOW_F_CLOSED == 0 {
+            value.flags |= FLOW_F_CLOSED;
+            // SAFETY: as above.
+            unsafe { flows::write(slot, words, &value) };
+            count_closed(value.backend);
+        }
+    }
+    flows::unlock(&held);
 }
 
 #[inline(always)]
-fn tracked_backend(flow: &FlowKey, tcp_flags: u8, now: u64) -> Tracked {
-    let Some(entry) = XLB_FLOWS.get_ptr_mut(flow) else {
-        return Tracked::Missing;
-    };
-    // SAFETY: a valid map value pointer; copied out before use.
-    let tracked = unsafe { *entry };
+fn tracked_backend(words: &[u64; 5], pair: &[u32; 2], tcp_flags: u8, now: u64) -> Tracked {
+    let Found {
+        slot,
+        seq,
+        value: tracked,
+    } = flows::find(&XLB_FLOWS, pair, words);
+    if slot.is_null() {
+        return Tracked::missing();
+    }
     let closed = tracked.flags & FLOW_F_CLOSED != 0;
     if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection reusing a closed one's 5-tuple.
-        return Tracked::Replace {
-            entry,
-            claim: FLOW_F_REOPENING,
-            backend: tracked.backend,
-            count_close: false,
-        };
+        return Tracked::replace(seq, tracked.backend, false);
     }
     let Some(&backend) = XLB_BACKENDS.get(tracked.backend) else {
-        return Tracked::Missing;
+        return Tracked::missing();
     };
     let replaced = backend.generation == 0 || backend.generation != tracked.generation;
     let down = backend.flags & BACKEND_F_DOWN != 0;
     if replaced || down {
         // A closed flow's last packets go to the ring's answer, unpinned;
-        // an open flow moves, closed on a down backend (the claim sets the
-        // closed flag of the entry it replaces).
+        // an open flow moves, closed on a down backend.
         if closed {
-            return Tracked::Missing;
+            return Tracked::missing();
         }
-        return Tracked::Replace {
-            entry,
-            claim: FLOW_F_CLOSED,
-            backend: tracked.backend,
-            count_close: !replaced,
-        };
+        return Tracked::replace(seq, tracked.backend, !replaced);
     }
-    if !closed && is_closing(tcp_flags) && claim(entry, FLOW_F_CLOSED) {
-        count_closed(tracked.backend);
+    if !closed && is_closing(tcp_flags) {
+        close(words, pair);
     }
     if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-        // SAFETY: valid map value pointer.
-        unsafe { (*entry).last_seen_ns = now };
+        // SAFETY: valid map value pointer; the one lockless write (see
+        // flows.rs).
+        unsafe { (*slot).value.last_seen_ns = now };
     }
-    Tracked::Pinned(tracked.backend, backend)
+    Tracked {
+        track: Track::Pinned,
+        id: tracked.backend,
+        seq,
+        count_close: false,
+        backend,
+    }
 }
 
-/// The backend of the entry another CPU made or is replacing, if it can
-/// be followed; else the ring's answer (`ring`). Never a new flow.
+/// The backend of the entry another CPU made or changed, if it can be
+/// followed; else the ring's answer (`ring`). Never a new flow.
 #[inline(always)]
-fn follow(flow: &FlowKey, tcp_flags: u8, now: u64, ring: (u32, Backend)) -> (u32, Backend, bool) {
-    let (id, backend) = match tracked_backend(flow, tcp_flags, now) {
-        Tracked::Pinned(id, backend) => (id, backend),
-        Tracked::Missing | Tracked::Replace { .. } => ring,
+fn follow(
+    words: &[u64; 5],
+    pair: &[u32; 2],
+    tcp_flags: u8,
+    now: u64,
+    ring: (u32, Backend),
+) -> (u32, Backend, bool) {
+    let t = tracked_backend(words, pair, tcp_flags, now);
+    let (id, backend) = if t.track == Track::Pinned {
+        (t.id, t.backend)
+    } else {
+        ring
     };
     (id, backend, false)
+}
+
+/// Counts a close for an open flow a new one pushed out of a full bucket,
+/// on its backend if that is still the backend the flow was counted on.
+#[inline(always)]
+fn count_evicted(old: &FlowSlot) {
+    if old.key.family == 0 || old.value.flags & FLOW_F_CLOSED != 0 {
+        return;
+    }
+    if XLB_BACKENDS
+        .get(old.value.backend)
+        .is_some_and(|b| b.generation == old.value.generation)
+    {
+        count_closed(old.value.backend);
+    }
 }
 
 /// Schedules a flow the table does not pin on the VIP's active Maglev
 /// ring and records it (`found`: `Missing` or `Replace`). Returns the
 /// backend and whether this packet made the flow (counted as a new flow).
-/// Nothing is claimed or written before the ring has answered, so a flow
-/// whose VIP has no backend right now keeps its entry as it was.
+/// Nothing is written before the ring has answered, so a flow whose VIP
+/// has no backend right now keeps its entry as it was.
 #[inline(always)]
 fn schedule(
     vip: &VipInfo,
     flow: &FlowKey,
+    words: &[u64; 5],
+    pair: &[u32; 2],
     tcp_flags: u8,
     now: u64,
     found: Tracked,
@@ -395,42 +470,46 @@ fn schedule(
         last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
-    let made = match found {
-        // The entry pointer was taken moments ago in this run; an LRU entry
-        // evicted and reused in between would at worst get a flag set.
-        Tracked::Replace {
-            entry,
-            claim: bit,
-            backend: old,
-            count_close,
-        } => {
-            if !claim(entry, bit) {
-                return Ok(follow(flow, tcp_flags, now, (id, backend)));
+    let held = flows::lock(&XLB_FLOWS, pair);
+    if held.low.is_null() {
+        // Contended past the bound: the ring's answer (the same until the
+        // backend set changes), unrecorded and uncounted; the flow's next
+        // packet tries again.
+        return Ok((id, backend, false));
+    }
+    let made = match flows::find_locked(&XLB_FLOWS, pair, words) {
+        // SAFETY (seq_of, write): a valid map value pointer in the bucket
+        // we locked.
+        Some(slot)
+            if found.track == Track::Replace && unsafe { flows::seq_of(slot) } == found.seq =>
+        {
+            unsafe { flows::write(slot, words, &value) };
+            if found.count_close {
+                count_closed(found.id);
             }
-            if count_close {
-                count_closed(old);
-            }
-            XLB_FLOWS.insert(flow, &value, u64::from(BPF_ANY)).is_ok()
+            true
         }
-        Tracked::Missing | Tracked::Pinned(..) => {
-            match XLB_FLOWS.insert(flow, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => true,
-                // Two packets of one new flow ran at once on two CPUs (veth
-                // runs XDP on the sender's CPU): the other made the entry
-                // and counted the flow.
-                Err(e) if e == -EEXIST => return Ok(follow(flow, tcp_flags, now, (id, backend))),
-                // Memory pressure: the packet still goes to the ring's
-                // answer (the same until the backend set changes), but a
-                // flow without an entry is never counted closed or expired,
-                // so it is not counted either.
-                Err(_) => false,
+        // Another CPU made or changed the entry since we read it.
+        Some(_) => false,
+        // No entry (any more): a new flow.
+        None => match flows::victim(&XLB_FLOWS, pair) {
+            Some((slot, old)) => {
+                count_evicted(&old);
+                // SAFETY: as above.
+                unsafe { flows::write(slot, words, &value) };
+                true
             }
-        }
+            None => false,
+        },
     };
-    if made && closing {
+    flows::unlock(&held);
+    if !made {
+        return Ok(follow(words, pair, tcp_flags, now, (id, backend)));
+    }
+    if closing {
         count_closed(id);
     }
-    Ok((id, backend, made))
+    Ok((id, backend, true))
 }
 
 #[inline(always)]
@@ -484,14 +563,19 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // An established flow needs no VIP lookup: its backend entry names the
     // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
     // through to the VIP lookup like a new one.
-    let (id, backend, vip_id, new_flow) = match tracked_backend(&flow, parsed.tcp_flags, now) {
-        Tracked::Pinned(id, backend) => (id, backend, backend.vip_id, false),
-        found => {
-            // SAFETY: copied out at once (see tracked_backend).
+    let words = key_words(&flow);
+    let pair = bucket_pair(slot_hash(&words), flow_buckets());
+    let (id, backend, vip_id, new_flow) = {
+        let found = tracked_backend(&words, &pair, parsed.tcp_flags, now);
+        if found.track == Track::Pinned {
+            (found.id, found.backend, found.backend.vip_id, false)
+        } else {
+            // SAFETY: copied out at once.
             let vip = unsafe { XLB_VIPS.get(&vip_key) }
                 .copied()
                 .ok_or(Reason::PassNotVip)?;
-            let (id, backend, new_flow) = schedule(&vip, &flow, parsed.tcp_flags, now, found)?;
+            let (id, backend, new_flow) =
+                schedule(&vip, &flow, &words, &pair, parsed.tcp_flags, now, found)?;
             (id, backend, vip.id, new_flow)
         }
     };

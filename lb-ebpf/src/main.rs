@@ -7,13 +7,14 @@
 //! reason's policy (see `lb_common::Reason`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The BPF target has 64-bit atomic loads and stores but no fetch_or in
-// core::sync::atomic; the datapath uses the intrinsic (BPF_OR | BPF_FETCH).
-// aya-build always compiles this crate with nightly.
+// The flow table's bucket lock is a compare-and-swap and an atomic and on
+// a map value field; core::sync::atomic offers neither on the BPF target,
+// the intrinsics are BPF_CMPXCHG and BPF_AND. aya-build always compiles
+// this crate with nightly.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(
     target_arch = "bpf",
-    expect(internal_features, reason = "core_intrinsics, for atomic_or")
+    expect(internal_features, reason = "core_intrinsics, for the bucket lock")
 )]
 
 #[cfg(not(target_arch = "bpf"))]
@@ -21,6 +22,8 @@ fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod datapath;
+#[cfg(target_arch = "bpf")]
+mod flows;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -17,12 +17,16 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
+    flow_table::{buckets_for, slots_for},
     globals, maps, programs, ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey,
-    FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS, REASON_SLOTS,
-    RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
+    FlowSlot, FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS,
+    REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
 };
 
-use crate::config::{DatapathSettings, XdpMode};
+use crate::{
+    config::{DatapathSettings, XdpMode},
+    flows::{FlowTable, FlowTableError},
+};
 
 /// The compiled XDP object, built by build.rs through aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -73,6 +77,8 @@ pub enum DataplaneError {
         context: String,
         source: aya::programs::links::LinkError,
     },
+    #[error(transparent)]
+    Flows(#[from] FlowTableError),
     #[error("ring of {got} slots written, the datapath ring has {want}")]
     RingSize { got: usize, want: u32 },
 }
@@ -109,9 +115,9 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
             settings.max_vips * 2 * chunks,
         ),
         maps::FLOWS => (
-            sz(size_of::<FlowKey>()),
-            sz(size_of::<FlowValue>()),
-            settings.flow_table_size,
+            4,
+            sz(size_of::<FlowSlot>()),
+            slots_for(settings.flow_table_size),
         ),
         maps::TX_PORTS => (4, 8, MAX_TX_PORTS),
         maps::VIP_STATS => (4, sz(size_of::<Counters>()), settings.max_vips),
@@ -140,7 +146,7 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
-    flows: HashMap<MapData, FlowKey, FlowValue>,
+    flows: FlowTable,
     tx_ports: DevMap<MapData>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -167,15 +173,18 @@ impl Dataplane {
         pin_dir: Option<&Path>,
     ) -> Result<Self, DataplaneError> {
         let chunks = ring_chunks_for(settings.ring_size);
+        let slots = slots_for(settings.flow_table_size);
+        let buckets = buckets_for(slots);
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::RING_SIZE, &settings.ring_size, true)
             .override_global(globals::RING_CHUNKS, &chunks, true)
+            .override_global(globals::FLOW_BUCKETS, &buckets, true)
             .map_max_entries(maps::VIPS, settings.max_vips)
             .map_max_entries(maps::VIP_STATS, settings.max_vips)
             .map_max_entries(maps::RINGS, settings.max_vips * 2 * chunks)
-            .map_max_entries(maps::FLOWS, settings.flow_table_size);
+            .map_max_entries(maps::FLOWS, slots);
         if let Some(dir) = pin_dir {
             std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
                 context: format!("creating {}", dir.display()),
@@ -211,7 +220,7 @@ impl Dataplane {
             vips: take_map!(ebpf, maps::VIPS),
             backends: take_map!(ebpf, maps::BACKENDS),
             rings: take_map!(ebpf, maps::RINGS),
-            flows: take_map!(ebpf, maps::FLOWS),
+            flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), slots)?,
             tx_ports: take_map!(ebpf, maps::TX_PORTS),
             vip_stats: take_map!(ebpf, maps::VIP_STATS),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
@@ -447,29 +456,26 @@ impl Dataplane {
             .map_err(map_err(format!("writing expired count of backend {id}")))
     }
 
-    /// Every flow entry (a syscall pair per entry: fine for the sweep's
-    /// sizes, see README on flow table sizing).
+    /// Every flow entry (a scan of the mapped table).
     pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.flows.iter().filter_map(Result::ok).collect()
+        self.flows.entries()
     }
 
     /// Deletes a flow entry; `true` if this call removed it.
-    pub fn remove_flow(&mut self, key: &FlowKey) -> bool {
-        self.flows.remove(key).is_ok()
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<bool, DataplaneError> {
+        Ok(self.flows.remove(key)?)
     }
 
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), DataplaneError> {
-        self.flows
-            .insert(key, value, 0)
-            .map_err(map_err("inserting flow"))
+        Ok(self.flows.insert(key, value)?)
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.flows.get(key, 0).ok()
+        self.flows.get(key)
     }
 
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
+        self.flows.count()
     }
 
     fn sum(values: &PerCpuValues<Counters>) -> Counters {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod netdev;

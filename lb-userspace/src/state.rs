@@ -748,7 +748,7 @@ impl State {
                 t.udp_idle
             };
             // last_seen is refreshed at most once a second.
-            if idle <= limit + Duration::from_secs(1) || !dp.remove_flow(&key) {
+            if idle <= limit + Duration::from_secs(1) || !dp.remove_flow(&key)? {
                 continue;
             }
             if closed {

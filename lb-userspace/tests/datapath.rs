@@ -1787,3 +1787,41 @@ fn syns_reusing_closed_tuples_raced_on_two_cpus_open_once() {
         );
     }
 }
+
+#[test]
+fn open_flows_pushed_out_of_a_full_table_count_as_closed() {
+    // 12000 new flows into a table for 4096 (8192 slots): once both buckets
+    // of a new flow are full, it takes the slot of the flow there seen
+    // longest ago, and that flow counts as closed, so opened - closed stays
+    // the number of open entries.
+    let mut h = Harness::new();
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    let slots = lb_common::flow_table::slots_for(h.dp.settings().flow_table_size);
+    let flows: u16 = 12_000;
+    for p in 0..flows {
+        let (action, _) = h.run(&tcp4_flags(VIP4, 10_000 + p, 80, TCP_SYN));
+        assert_eq!(action, XDP_TX, "port {}", 10_000 + p);
+    }
+    let (opened, closed) = opened_closed(&h, b1);
+    let entries = h.dp.flows();
+    let open = entries
+        .iter()
+        .filter(|(_, v)| v.backend == b1 && v.flags & lb_common::FLOW_F_CLOSED == 0)
+        .count() as u64;
+    assert_eq!(opened, u64::from(flows), "every SYN made its flow");
+    assert!(
+        entries.len() as u32 > slots * 99 / 100,
+        "{} of {slots} slots used",
+        entries.len()
+    );
+    assert!(
+        closed >= u64::from(flows) - u64::from(slots),
+        "{closed} pushed out"
+    );
+    assert_eq!(opened - closed, open, "opened - closed = open entries");
+    assert!(
+        h.dp.flow(&flow4(CLIENT4, VIP4, 10_000 + flows - 1, 80, PROTO_TCP))
+            .is_some(),
+        "the newest flow has its entry"
+    );
+}

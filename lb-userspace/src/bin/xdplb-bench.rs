@@ -37,7 +37,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use clap::{Parser, Subcommand};
-use lb_common::{maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    flow_table::{buckets_for, slots_for},
+    maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP,
+};
 use serde_json::{json, Value};
 use xdplb::{
     config::{Config, MacAddr},
@@ -59,9 +62,23 @@ mod bench {
     pub const SINK: &str = "xlb_bench_sink";
     pub const FLOW_HIT: &str = "xlb_bench_flow_hit";
     pub const FLOW_INSERT: &str = "xlb_bench_flow_insert";
-    pub const PROGRAMS: [&str; 7] = [REFLECT, RESET, TX, GEN, SINK, FLOW_HIT, FLOW_INSERT];
+    pub const LRU_HIT: &str = "xlb_bench_lru_hit";
+    pub const LRU_INSERT: &str = "xlb_bench_lru_insert";
+    pub const PROGRAMS: [&str; 9] = [
+        REFLECT,
+        RESET,
+        TX,
+        GEN,
+        SINK,
+        FLOW_HIT,
+        FLOW_INSERT,
+        LRU_HIT,
+        LRU_INSERT,
+    ];
 
     pub const FLOWS: &str = "XLB_BENCH_FLOWS";
+    pub const FLOW_BUCKETS: &str = "XLB_BENCH_FLOW_BUCKETS";
+    pub const LRU: &str = "XLB_BENCH_LRU";
     pub const JUMP: &str = "XLB_BENCH_JUMP";
     pub const PORTS: &str = "XLB_BENCH_PORTS";
     pub const COUNT: &str = "XLB_BENCH_COUNT";
@@ -443,11 +460,15 @@ struct BenchObject {
 }
 
 impl BenchObject {
-    /// Loads the helper object; its flow table gets `flow_table_size`
-    /// entries, like the load balancer's.
+    /// Loads the helper object; its flow table is sized for
+    /// `flow_table_size` flows like the load balancer's, and its LRU hash
+    /// holds as many.
     fn load(flow_table_size: u32) -> Result<BenchObject> {
+        let slots = slots_for(flow_table_size);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(bench::FLOWS, flow_table_size)
+            .map_max_entries(bench::FLOWS, slots)
+            .override_global(bench::FLOW_BUCKETS, &buckets_for(slots), true)
+            .map_max_entries(bench::LRU, flow_table_size)
             .load(BENCH_OBJECT)
             .context("loading the lb-bench object")?;
         for name in bench::PROGRAMS {
@@ -567,6 +588,12 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         .fd()
         .context("xlb_bench_flow_insert fd")?
         .try_clone()?;
+    let lru_insert_fd = obj
+        .program(bench::LRU_INSERT)
+        .fd()
+        .context("xlb_bench_lru_insert fd")?
+        .try_clone()?;
+    let slots = slots_for(table_size);
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
     let new_flow = tcp_frame(VIP4, 40001, 80, TCP_SYN);
@@ -576,6 +603,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The flow table alone: one hit, one insert (net of the reset step).
     let (mut hit, mut insert) = (Vec::new(), Vec::new());
+    // The same on a kernel LRU hash (what the flow table was before).
+    let (mut lru_hit, mut lru_insert) = (Vec::new(), Vec::new());
     let mut flow_entries = Vec::new();
     let mut new_flows_counted = Vec::new();
     let mut evicting = Vec::new();
@@ -633,10 +662,9 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         inserted += counted;
         // Every key, one syscall each: ~1 s for a full table, not timed.
         let entries = dp.flow_count() as u64;
-        // The established flow is in the table too.
-        let expected = (inserted + 1).min(u64::from(table_size));
-        // An LRU at capacity may keep a little less than max_entries (it
-        // evicts ahead into per-CPU free lists).
+        // The established flow is in the table too. Past half full, a few
+        // new flows find both their buckets full and evict.
+        let expected = (inserted + 1).min(u64::from(slots));
         ensure!(
             entries as f64 >= 0.9 * expected as f64 && entries <= expected,
             "new_flow: the flow table holds {entries} entries, expected about {expected}"
@@ -696,6 +724,36 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "flow_table_insert",
         )?);
 
+        // The same two on the kernel's LRU hash.
+        let first = obj
+            .program(bench::LRU_INSERT)
+            .test_run(TestRunOptions {
+                data_in: Some(&established),
+                ..TestRunOptions::default()
+            })
+            .context("lru_hit (first packet): BPF_PROG_TEST_RUN")?;
+        ensure!(
+            matches!(first.return_value, XDP_TX | XDP_PASS),
+            "lru_hit: inserting the key failed (returned {})",
+            first.return_value
+        );
+        lru_hit.push(time_run(
+            obj.program(bench::LRU_HIT),
+            &established,
+            repeat,
+            XDP_TX,
+            "lru_hit",
+        )?);
+        jump.set(0, &lru_insert_fd, 0)
+            .context("jump slot -> xlb_bench_lru_insert")?;
+        lru_insert.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "lru_insert",
+        )?);
+
         // The reset step alone: reset -> xlb_bench_tx.
         jump.set(0, &tx_fd, 0)
             .context("jump slot -> xlb_bench_tx")?;
@@ -714,7 +772,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         let last = |v: &Vec<f64>| v[v.len() - 1];
         eprintln!(
             "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns), non_vip {} ns, \
-             reflect {} ns, table hit {} ns, table insert {} ns, flow table {entries} entries",
+             reflect {} ns, table hit {} ns, table insert {} ns, LRU hit {} ns, LRU insert {} ns, \
+             flow table {entries} entries",
             last(&a),
             last(&b),
             last(&reset),
@@ -722,6 +781,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             last(&d),
             last(&hit),
             last(&insert),
+            last(&lru_hit),
+            last(&lru_insert),
         );
     }
     let elapsed = started.elapsed();
@@ -747,6 +808,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     new_flow_json["net_median_evicting"] = json!(net_where(true));
 
     let (insert_json, insert_net) = net_case_json(&insert, &reset, reference);
+    let (lru_insert_json, lru_insert_net) = net_case_json(&lru_insert, &reset, reference);
 
     eprintln!(
         "\nkernel: repeat {repeat}, {runs} runs on CPU {cpu} in {:.1} s; median ns/packet:",
@@ -763,6 +825,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ("reference_reflect", Some(reference)),
         ("table hit alone", Some(median(&hit))),
         ("table insert (net)", Some(median(&insert_net))),
+        ("LRU hit", Some(median(&lru_hit))),
+        ("LRU insert (net)", Some(median(&lru_insert_net))),
     ] {
         let Some(ns) = ns else { continue };
         eprintln!("  {name:<18} {ns:>6} ns  x{:.2} reference", ns / reference);
@@ -776,13 +840,15 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
                    new_flow: xlb_bench_reset (fresh source address and port) tail-calls \
                    xlb_lb; reset_only: the same reset tail-calls xlb_bench_tx; net = new_flow \
                    - reset_only of the same run, and new_flow's ratio_to_reference uses it. \
-                   new_flow.evicting: the run filled the LRU flow table past capacity; \
-                   net_median_filling / net_median_evicting split the runs by it. \
+                   new_flow.evicting: the run took the flow table past flow_table_size \
+                   flows; net_median_filling / net_median_evicting split the runs by it. \
                    flow_table_hit / flow_table_insert: the floor under (a) and (b), the flow \
                    table alone (xlb_bench_flow_hit: parse, one lookup, MAC swap; \
-                   xlb_bench_flow_insert behind the same reset step, net of it: one \
-                   BPF_NOEXIST insert) in an LRU hash of the same key and value types and \
-                   size, filled in step with the load balancer's.",
+                   xlb_bench_flow_insert behind the same reset step, net of it: one insert) \
+                   with the load balancer's table code and size, filled in step with its \
+                   table. lru_hit / lru_insert: the same on a kernel LRU hash of FlowKey -> \
+                   FlowValue with flow_table_size entries (BPF_NOEXIST insert), what the \
+                   flow table was before.",
         "repeat": repeat,
         "runs": runs,
         "cpu": cpu,
@@ -796,6 +862,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "reset_only": case_json(&reset, reference),
             "flow_table_hit": case_json(&hit, reference),
             "flow_table_insert": insert_json,
+            "lru_hit": case_json(&lru_hit, reference),
+            "lru_insert": lru_insert_json,
         },
     }))
 }

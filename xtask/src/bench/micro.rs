@@ -71,7 +71,8 @@ pub struct Kernel {
     pub repeat: u64,
     pub runs: u64,
     pub cpu: u64,
-    /// a, b, c, d, then the floors a0 and b0 (the flow table alone).
+    /// a, b, c, d, then the floors a0 and b0 (the flow table alone), then
+    /// aL and bL (the same on a kernel LRU hash, the former flow table).
     pub cases: Vec<KernelCase>,
     /// The reset step subtracted from the new-flow case.
     pub reset_ns: f64,
@@ -137,6 +138,20 @@ pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
             "b0",
             "floor under (b): the flow table alone, one insert (net)",
             "flow_table_insert",
+            "net_median",
+            "net_ns_per_packet",
+        )?,
+        case(
+            "aL",
+            "a kernel LRU hash alone (the former flow table), one hit",
+            "lru_hit",
+            "median",
+            "ns_per_packet",
+        )?,
+        case(
+            "bL",
+            "a kernel LRU hash alone, one BPF_NOEXIST insert (net)",
+            "lru_insert",
             "net_median",
             "net_ns_per_packet",
         )?,

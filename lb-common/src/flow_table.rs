@@ -1,0 +1,199 @@
+//! Addressing in the flow table (`XLB_FLOWS`), shared by the datapath and
+//! the daemon: which bucket a 5-tuple lives in, and the key as the five
+//! words a slot compares.
+//!
+//! The table is an array of `FlowSlot`s in buckets of `FLOW_WAYS`, not a
+//! kernel hash map: a lookup is a few multiplies and inlined array reads,
+//! with no helper call (see docs/benchmarks.md for what that saves).
+//!
+//! Each flow has two candidate buckets and a new one goes to the emptier
+//! ("two choices"), and the table has `FLOW_SLOTS_PER_FLOW` slots per flow
+//! of `flow_table_size`: at that many flows it is half full, and a new
+//! flow finds both its buckets full (and evicts) about once in 10^4.
+
+use crate::{FlowKey, FLOW_WAYS};
+
+/// Slots the table has per flow of `flow_table_size`.
+pub const FLOW_SLOTS_PER_FLOW: u32 = 2;
+/// Candidate slots of a flow: `FLOW_WAYS` in each of its two buckets.
+pub const FLOW_CANDIDATES: u32 = 2 * FLOW_WAYS;
+
+// `key_words` is the key's memory layout read as little-endian words.
+#[cfg(not(target_endian = "little"))]
+compile_error!("the flow table's key words assume a little-endian machine");
+
+/// The key as the five 64-bit words of its memory layout, built from its
+/// fields (the datapath keeps them in registers: no store and reload).
+#[inline(always)]
+pub fn key_words(k: &FlowKey) -> [u64; 5] {
+    #[inline(always)]
+    fn pair(lo: u32, hi: u32) -> u64 {
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+    [
+        pair(k.src[0], k.src[1]),
+        pair(k.src[2], k.src[3]),
+        pair(k.dst[0], k.dst[1]),
+        pair(k.dst[2], k.dst[3]),
+        u64::from(k.src_port_be)
+            | (u64::from(k.dst_port_be) << 16)
+            | (u64::from(k.proto) << 32)
+            | (u64::from(k.family) << 40)
+            | (u64::from(k._pad[0]) << 48)
+            | (u64::from(k._pad[1]) << 56),
+    ]
+}
+
+/// Whether two keys (as `key_words`) are equal: one branch, no memcmp.
+#[inline(always)]
+pub fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+}
+
+/// Bucket hash: four 64-bit multiplies; each half picks one bucket.
+/// Fixed across builds: a restarted daemon adopts the table its
+/// predecessor filled, and a changed hash would look every flow up in the
+/// wrong buckets.
+#[inline(always)]
+pub fn slot_hash(w: &[u64; 5]) -> u64 {
+    let mut h = (w[0] ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = (h ^ w[1] ^ w[2].rotate_left(17)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h = (h ^ w[3] ^ w[4].rotate_left(29)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    // The halves pick independent buckets only after a full final mix.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Index of the first slot of the bucket of `hash` in a table of
+/// `buckets` buckets (any count: a multiply and a shift, no division).
+#[inline(always)]
+fn first_slot(hash: u32, buckets: u32) -> u32 {
+    ((u64::from(hash) * u64::from(buckets)) >> 32) as u32 * FLOW_WAYS
+}
+
+/// First slots of the flow's two buckets (the same bucket twice, rarely).
+#[inline(always)]
+pub fn bucket_pair(hash: u64, buckets: u32) -> [u32; 2] {
+    [
+        first_slot(hash as u32, buckets),
+        first_slot((hash >> 32) as u32, buckets),
+    ]
+}
+
+/// Candidate slot `i` (`0..FLOW_CANDIDATES`) of a flow in `pair`.
+#[inline(always)]
+pub fn candidate(pair: &[u32; 2], i: u32) -> u32 {
+    if i < FLOW_WAYS {
+        pair[0] + i
+    } else {
+        pair[1] + (i - FLOW_WAYS)
+    }
+}
+
+/// Slots of the table for `flow_table_size` flows.
+pub const fn slots_for(flow_table_size: u32) -> u32 {
+    flow_table_size.saturating_mul(FLOW_SLOTS_PER_FLOW) / FLOW_WAYS * FLOW_WAYS
+}
+
+/// Buckets of a table of `slots` slots.
+pub const fn buckets_for(slots: u32) -> u32 {
+    slots / FLOW_WAYS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FAMILY_V4, FAMILY_V6, PROTO_TCP};
+
+    fn key(src: u32, sport: u16) -> FlowKey {
+        FlowKey {
+            src: [src.to_be(), 0, 0, 0],
+            dst: [0x0ac8_6401u32.to_be(), 0, 0, 0],
+            src_port_be: sport.to_be(),
+            dst_port_be: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn key_words_are_the_key_bytes() {
+        let mut k = key(0x0ac8_0001, 40000);
+        k.family = FAMILY_V6;
+        k.src = [1, 2, 3, 4];
+        k.dst = [5, 6, 7, 8];
+        // SAFETY: FlowKey is 40 bytes of integers without implicit padding.
+        let bytes: [u64; 5] = unsafe { core::mem::transmute(k) };
+        assert_eq!(key_words(&k), bytes);
+        assert!(same_key(&key_words(&k), &bytes));
+        assert!(!same_key(&key_words(&key(1, 2)), &key_words(&key(1, 3))));
+    }
+
+    #[test]
+    fn buckets_stay_in_range() {
+        for buckets in [1, 3, 256, 250_000, 25_000_000] {
+            for h in [0, 1, u32::MAX / 2, u32::MAX] {
+                let first = first_slot(h, buckets);
+                assert_eq!(first % FLOW_WAYS, 0);
+                assert!(first + FLOW_WAYS <= buckets * FLOW_WAYS, "{h} of {buckets}");
+            }
+        }
+    }
+
+    /// Sequential ports of one client, and sequential clients on one port,
+    /// spread over 1024 buckets at least as evenly as random placement
+    /// would (64 a bucket, standard deviation 8; chi-square 1023 +- 45).
+    #[test]
+    fn sequential_flows_spread_evenly() {
+        for flows in [
+            (0..65536u32)
+                .map(|p| key(0x0ac8_0001, p as u16))
+                .collect::<Vec<_>>(),
+            (0..65536u32).map(|a| key(0x0ac8_0000 + a, 40000)).collect(),
+        ] {
+            let mut n = [0u32; 1024];
+            for k in &flows {
+                let [a, _] = bucket_pair(slot_hash(&key_words(k)), 1024);
+                n[(a / FLOW_WAYS) as usize] += 1;
+            }
+            let (min, max) = (n.iter().min().unwrap(), n.iter().max().unwrap());
+            let chi2: f64 = n
+                .iter()
+                .map(|&c| (f64::from(c) - 64.0).powi(2) / 64.0)
+                .sum();
+            assert!(
+                *min >= 28 && *max <= 100 && chi2 < 1300.0,
+                "buckets hold {min}..={max} flows, chi-square {chi2}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_two_buckets_are_independent() {
+        // Flows sharing their first bucket spread over second buckets.
+        let mut seconds = std::collections::HashSet::new();
+        let mut sharing = 0;
+        for p in 0..65536u32 {
+            let [a, b] = bucket_pair(slot_hash(&key_words(&key(0x0ac8_0001, p as u16))), 1024);
+            if a == 0 {
+                sharing += 1;
+                seconds.insert(b);
+            }
+        }
+        assert!(
+            sharing > 30 && seconds.len() * 10 >= sharing * 9,
+            "{sharing} {seconds:?}"
+        );
+    }
+
+    #[test]
+    fn slot_hash_is_fixed_across_builds() {
+        // A change here makes a restarted daemon miss every adopted flow.
+        assert_eq!(
+            slot_hash(&key_words(&key(0x0ac8_0001, 40000))),
+            8_159_497_897_332_927_427
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! The flow table (`XLB_FLOWS`) from the daemon's side: the array map
+//! mapped into this process, read and changed in place under the same
+//! protocol as the datapath (lb-ebpf/src/flows.rs): writes hold the locks
+//! of the flow's two buckets (the lower first) and bump the slot's `seq` to
+//! odd and back to even; reads retry while `seq` is odd or changes.
+//!
+//! Reading the table is a memory scan, not a syscall per entry: the sweep
+//! of a million slots takes milliseconds.
+
+use std::{
+    hint::spin_loop,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::{self, NonNull},
+    sync::atomic::{fence, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, IterableMap as _, MapData};
+use lb_common::{
+    flow_table::{
+        bucket_pair, buckets_for, candidate, key_words, same_key, slot_hash, FLOW_CANDIDATES,
+    },
+    FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_WAYS,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowTableError {
+    #[error("mapping the flow table ({bytes} bytes) into memory")]
+    Mmap {
+        bytes: usize,
+        source: std::io::Error,
+    },
+    #[error("the flow table's bucket {bucket} stayed locked for {waited:?}")]
+    Locked { bucket: u32, waited: Duration },
+    #[error("the flow table's buckets {bucket} and its pair are full")]
+    BucketFull { bucket: u32 },
+}
+
+/// How long the daemon waits for a bucket lock the datapath holds (it
+/// holds one for a slot write: nanoseconds).
+const LOCK_WAIT: Duration = Duration::from_millis(100);
+/// Reads of a slot that keep being torn by writers before giving up.
+const READ_TRIES: u32 = 1000;
+
+pub struct FlowTable {
+    /// Keeps the map (and so the mapping's object) alive.
+    _map: Array<MapData, FlowSlot>,
+    base: NonNull<FlowSlot>,
+    slots: u32,
+    buckets: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is shared memory owned by this value; every access
+// follows the table's protocol, whichever thread makes it.
+unsafe impl Send for FlowTable {}
+
+impl FlowTable {
+    /// Maps `map` (created `BPF_F_MMAPABLE`, `slots` entries: see
+    /// `lb_common::flow_table::slots_for`) into memory.
+    pub fn new(map: Array<MapData, FlowSlot>, slots: u32) -> Result<Self, FlowTableError> {
+        let bytes = slots as usize * size_of::<FlowSlot>();
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length against the map and the mapping outlives no one (it is
+        // unmapped in Drop, after which nothing reads it).
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.map().fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(FlowTableError::Mmap {
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(addr.cast::<FlowSlot>()).ok_or(FlowTableError::Mmap {
+            bytes,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Self {
+            _map: map,
+            base,
+            slots,
+            buckets: buckets_for(slots),
+            bytes,
+        })
+    }
+
+    fn slot(&self, index: u32) -> *mut FlowSlot {
+        assert!(index < self.slots, "flow slot {index} of {}", self.slots);
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.base.as_ptr().add(index as usize) }
+    }
+
+    fn seq(&self, index: u32) -> &AtomicU64 {
+        // SAFETY: an 8-byte aligned u64 inside the mapping, which lives as
+        // long as `self`; the datapath also only changes it atomically or
+        // under the lock.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.slot(index)).seq) }
+    }
+
+    /// A whole copy of slot `index`, or `None` if writers kept tearing it.
+    fn read(&self, index: u32) -> Option<FlowSlot> {
+        let seq = self.seq(index);
+        for _ in 0..READ_TRIES {
+            let before = seq.load(Ordering::Acquire) & !FLOW_BUCKET_LOCK;
+            if before & 1 == 0 {
+                // SAFETY: in bounds; a torn copy is detected below and
+                // thrown away (the seqlock pattern).
+                let copy = unsafe { ptr::read_volatile(self.slot(index)) };
+                fence(Ordering::Acquire);
+                if seq.load(Ordering::Relaxed) & !FLOW_BUCKET_LOCK == before {
+                    return Some(copy);
+                }
+            }
+            spin_loop();
+        }
+        None
+    }
+
+    fn pair(&self, key: &FlowKey) -> [u32; 2] {
+        bucket_pair(slot_hash(&key_words(key)), self.buckets)
+    }
+
+    fn candidates(pair: [u32; 2]) -> impl Iterator<Item = u32> {
+        (0..FLOW_CANDIDATES).map(move |i| candidate(&pair, i))
+    }
+
+    /// Runs `f` with the locks of both buckets of `pair` held.
+    fn locked<R>(&self, pair: [u32; 2], f: impl FnOnce() -> R) -> Result<R, FlowTableError> {
+        let (low, high) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
+        self.lock_one(low)?;
+        if high != low {
+            if let Err(e) = self.lock_one(high) {
+                self.seq(low)
+                    .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+                return Err(e);
+            }
+        }
+        let result = f();
+        if high != low {
+            self.seq(high)
+                .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+        }
+        self.seq(low)
+            .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+        Ok(result)
+    }
+
+    fn lock_one(&self, first: u32) -> Result<(), FlowTableError> {
+        let head = self.seq(first);
+        let started = Instant::now();
+        loop {
+            let seq = head.load(Ordering::Relaxed);
+            if seq & FLOW_BUCKET_LOCK == 0
+                && head
+                    .compare_exchange_weak(
+                        seq,
+                        seq | FLOW_BUCKET_LOCK,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                break;
+            }
+            if started.elapsed() > LOCK_WAIT {
+                return Err(FlowTableError::Locked {
+                    bucket: first / FLOW_WAYS,
+                    waited: started.elapsed(),
+                });
+            }
+            spin_loop();
+        }
+        Ok(())
+    }
+
+    /// Writes slot `index` of a bucket whose lock is held.
+    fn write_locked(&self, index: u32, key: &FlowKey, value: &FlowValue) {
+        let seq = self.seq(index);
+        let s = seq.load(Ordering::Relaxed);
+        seq.store(s + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let slot = self.slot(index);
+        // SAFETY: in bounds; the bucket lock keeps other writers out and
+        // the odd seq tells readers the slot is changing.
+        unsafe {
+            ptr::write_volatile(&raw mut (*slot).key, *key);
+            ptr::write_volatile(&raw mut (*slot).value, *value);
+        }
+        seq.store(s + 2, Ordering::Release);
+    }
+
+    /// The slot of `key` in its buckets, read under their locks.
+    fn index_locked(&self, pair: [u32; 2], key: &FlowKey) -> Option<u32> {
+        let words = key_words(key);
+        Self::candidates(pair).find(|&i| {
+            // SAFETY: in bounds; keys only change under the lock we hold.
+            let k = unsafe { ptr::read_volatile(&raw const (*self.slot(i)).key) };
+            same_key(&key_words(&k), &words)
+        })
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<FlowValue> {
+        Self::candidates(self.pair(key))
+            .filter_map(|i| self.read(i))
+            .find(|s| s.key.family != 0 && s.key == *key)
+            .map(|s| s.value)
+    }
+
+    /// Every flow in the table.
+    pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
+        (0..buckets_for(self.slots) * FLOW_WAYS)
+            .filter_map(|i| self.read(i))
+            .filter(|s| s.key.family != 0)
+            .map(|s| (s.key, s.value))
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        (0..buckets_for(self.slots) * FLOW_WAYS)
+            .filter_map(|i| self.read(i))
+            .filter(|s| s.key.family != 0)
+            .count()
+    }
+
+    /// Empties the slot of `key`; `Ok(true)` if this call removed it.
+    pub fn remove(&self, key: &FlowKey) -> Result<bool, FlowTableError> {
+        let pair = self.pair(key);
+        self.locked(pair, || match self.index_locked(pair, key) {
+            Some(i) => {
+                self.write_locked(i, &FlowKey::default(), &FlowValue::default());
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Writes `key`'s entry: over its slot, else into an empty one of its
+    /// buckets. (The datapath evicts when both are full; the daemon writes
+    /// entries only in tests and never evicts.)
+    pub fn insert(&self, key: &FlowKey, value: &FlowValue) -> Result<(), FlowTableError> {
+        let pair = self.pair(key);
+        self.locked(pair, || {
+            let index = self.index_locked(pair, key).or_else(|| {
+                Self::candidates(pair).find(|&i| {
+                    // SAFETY: in bounds, under the lock.
+                    unsafe { ptr::read_volatile(&raw const (*self.slot(i)).key.family) == 0 }
+                })
+            });
+            match index {
+                Some(i) => {
+                    self.write_locked(i, key, value);
+                    Ok(())
+                }
+                None => Err(FlowTableError::BucketFull {
+                    bucket: pair[0] / FLOW_WAYS,
+                }),
+            }
+        })?
+    }
+}
+
+impl Drop for FlowTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
