@@ -39,7 +39,7 @@ use aya::{
 use clap::{Parser, Subcommand};
 use lb_common::{
     flow_table::{buckets_for, slots_for},
-    maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP,
+    maglev, Counters, FLOW_WAYS, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP,
 };
 use serde_json::{json, Value};
 use xdplb::{
@@ -1199,7 +1199,8 @@ vips:
     let mut resolver = FixedResolver(vec![lb_if.clone()]);
     let (mut dp, _state) = load_lb(&yaml, &mut resolver)?;
     // The veth benchmark does not use the helper flow table.
-    let mut obj = BenchObject::load(1)?;
+    // The flow-table floors are not run here: the smallest valid table.
+    let mut obj = BenchObject::load(FLOW_WAYS)?;
     let mut ports: DevMap<MapData> = obj.take_map(bench::PORTS)?;
     ports
         .set(0, gen_if.ifindex, None, 0)
