@@ -39,7 +39,7 @@ use aya::{
 use clap::{Parser, Subcommand};
 use lb_common::{
     flow_table::{buckets_for, slots_for},
-    maglev, Counters, FLOW_WAYS, DEFAULT_RING_SIZE, EMPTY_SLOT, PROTO_TCP, PROTO_UDP,
+    maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, FLOW_WAYS, PROTO_TCP, PROTO_UDP,
 };
 use serde_json::{json, Value};
 use xdplb::{
