@@ -38,7 +38,7 @@ static XLB_RINGS: Array<RingChunk> =
 /// Mmapable: the daemon reads and sweeps it in place (see flows.rs).
 #[map]
 static XLB_FLOWS: Array<FlowSlot> =
-    Array::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_MMAPABLE);
+    Array::with_max_entries(slots_for(DEFAULT_FLOW_TABLE_SIZE), BPF_F_MMAPABLE);
 #[map]
 static XLB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 #[map]

@@ -26,7 +26,7 @@ use core::{
 
 use aya_ebpf::maps::Array;
 use lb_common::{
-    flow_table::{candidate, FLOW_CANDIDATES},
+    flow_table::{candidate, same_key, FLOW_CANDIDATES},
     FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
 };
 
@@ -68,11 +68,6 @@ pub unsafe fn seq_of(slot: *mut FlowSlot) -> u64 {
     unsafe { read_volatile(&(*slot).seq) & !FLOW_BUCKET_LOCK }
 }
 
-#[inline(always)]
-fn same(a: &[u64; 5], b: &[u64; 5]) -> bool {
-    lb_common::flow_table::same_key(a, b)
-}
-
 /// Looks `words` up in its buckets (`pair`) without the locks.
 #[inline(always)]
 pub fn find(table: &Array<FlowSlot>, pair: &[u32; 2], words: &[u64; 5]) -> Found {
@@ -85,7 +80,7 @@ pub fn find(table: &Array<FlowSlot>, pair: &[u32; 2], words: &[u64; 5]) -> Found
         unsafe {
             let before = seq_of(slot);
             compiler_fence(Ordering::SeqCst);
-            if before & 1 != 0 || !same(&*key_of(slot), words) {
+            if before & 1 != 0 || !same_key(&*key_of(slot), words) {
                 continue;
             }
             let value = (*slot).value;
@@ -208,7 +203,7 @@ pub fn find_locked(
         };
         // SAFETY: a valid map value pointer; the bucket is locked, so no
         // key changes under us.
-        if same(unsafe { &*key_of(slot) }, words) {
+        if same_key(unsafe { &*key_of(slot) }, words) {
             return Some(slot);
         }
     }

@@ -42,13 +42,16 @@ const LOCK_WAIT: Duration = Duration::from_millis(100);
 /// Reads of a slot that keep being torn by writers before giving up.
 const READ_TRIES: u32 = 1000;
 
+/// Bytes mapped for a table of `slots` slots.
+fn mapping_len(slots: u32) -> usize {
+    slots as usize * size_of::<FlowSlot>()
+}
+
 pub struct FlowTable {
     /// Keeps the map (and so the mapping's object) alive.
     _map: Array<MapData, FlowSlot>,
     base: NonNull<FlowSlot>,
     slots: u32,
-    buckets: u32,
-    bytes: usize,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; every access
@@ -59,7 +62,7 @@ impl FlowTable {
     /// Maps `map` (created `BPF_F_MMAPABLE`, `slots` entries: see
     /// `lb_common::flow_table::slots_for`) into memory.
     pub fn new(map: Array<MapData, FlowSlot>, slots: u32) -> Result<Self, FlowTableError> {
-        let bytes = slots as usize * size_of::<FlowSlot>();
+        let bytes = mapping_len(slots);
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
         // the length against the map and the mapping outlives no one (it is
         // unmapped in Drop, after which nothing reads it).
@@ -87,8 +90,6 @@ impl FlowTable {
             _map: map,
             base,
             slots,
-            buckets: buckets_for(slots),
-            bytes,
         })
     }
 
@@ -125,7 +126,7 @@ impl FlowTable {
     }
 
     fn pair(&self, key: &FlowKey) -> [u32; 2] {
-        bucket_pair(slot_hash(&key_words(key)), self.buckets)
+        bucket_pair(slot_hash(&key_words(key)), buckets_for(self.slots))
     }
 
     fn candidates(pair: [u32; 2]) -> impl Iterator<Item = u32> {
@@ -214,20 +215,20 @@ impl FlowTable {
             .map(|s| s.value)
     }
 
-    /// Every flow in the table.
-    pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
+    /// Copies of the slots that hold a flow.
+    fn occupied(&self) -> impl Iterator<Item = FlowSlot> + '_ {
         (0..buckets_for(self.slots) * FLOW_WAYS)
             .filter_map(|i| self.read(i))
             .filter(|s| s.key.family != 0)
-            .map(|s| (s.key, s.value))
-            .collect()
+    }
+
+    /// Every flow in the table.
+    pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.occupied().map(|s| (s.key, s.value)).collect()
     }
 
     pub fn count(&self) -> usize {
-        (0..buckets_for(self.slots) * FLOW_WAYS)
-            .filter_map(|i| self.read(i))
-            .filter(|s| s.key.family != 0)
-            .count()
+        self.occupied().count()
     }
 
     /// Empties the slot of `key`; `Ok(true)` if this call removed it.
@@ -270,6 +271,6 @@ impl FlowTable {
 impl Drop for FlowTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, not used after this.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), mapping_len(self.slots)) };
     }
 }

@@ -469,6 +469,17 @@ impl LongProbe {
         }
     }
 
+    /// Waits up to `limit` for the probe process to end (without reading
+    /// its report); `what` names it in the error.
+    fn wait_ended(&mut self, limit: Duration, what: &str) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.running()? {
+            ensure!(Instant::now() < deadline, "{what} did not end");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Waits for the probe to end and returns its report.
     fn finish(mut self, timeout: Duration) -> Result<LongReport> {
         let out = self.child.finish(timeout)?;

@@ -533,6 +533,55 @@ fn time_run(program: &mut Xdp, packet: &[u8], repeat: u32, expect: u32, case: &s
     Ok(result.duration.as_nanos() as f64)
 }
 
+/// One table's floors in one run, raw ns per packet: `hit` timed on the
+/// established frame, whose key `insert` (re)inserts first (inserts may
+/// have evicted it), then `insert` timed behind the reset step (a fresh
+/// 5-tuple each repetition; the caller subtracts the reset step).
+fn table_floors(
+    obj: &mut BenchObject,
+    jump: &mut ProgramArray<MapData>,
+    (hit, insert): (&str, &str),
+    (established, new_flow): (&[u8], &[u8]),
+    repeat: u32,
+    label: &str,
+) -> Result<(f64, f64)> {
+    let first = obj
+        .program(insert)
+        .test_run(TestRunOptions {
+            data_in: Some(established),
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("{label}_hit (first packet): BPF_PROG_TEST_RUN"))?;
+    // XDP_TX: inserted; XDP_PASS: still there.
+    ensure!(
+        matches!(first.return_value, XDP_TX | XDP_PASS),
+        "{label}_hit: inserting the key failed (returned {})",
+        first.return_value
+    );
+    let hit_ns = time_run(
+        obj.program(hit),
+        established,
+        repeat,
+        XDP_TX,
+        &format!("{label}_hit"),
+    )?;
+    let insert_fd = obj
+        .program(insert)
+        .fd()
+        .with_context(|| format!("{insert} fd"))?
+        .try_clone()?;
+    jump.set(0, &insert_fd, 0)
+        .with_context(|| format!("jump slot -> {insert}"))?;
+    let insert_ns = time_run(
+        obj.program(bench::RESET),
+        new_flow,
+        repeat,
+        XDP_TX,
+        &format!("{label}_insert"),
+    )?;
+    Ok((hit_ns, insert_ns))
+}
+
 /// A case timed behind the reset step: its raw runs, and the same runs
 /// net of the reset step's run by run (`net_ns_per_packet`, `net_median`),
 /// which its ratio to the reference uses. Returns the JSON and the net runs.
@@ -582,16 +631,6 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         .program(bench::TX)
         .fd()
         .context("xlb_bench_tx fd")?
-        .try_clone()?;
-    let insert_fd = obj
-        .program(bench::FLOW_INSERT)
-        .fd()
-        .context("xlb_bench_flow_insert fd")?
-        .try_clone()?;
-    let lru_insert_fd = obj
-        .program(bench::LRU_INSERT)
-        .fd()
-        .context("xlb_bench_lru_insert fd")?
         .try_clone()?;
     let slots = slots_for(table_size);
 
@@ -689,70 +728,28 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "reference_reflect",
         )?);
 
-        // The floor under (a): parse, one flow-table hit, MAC swap. The
-        // first packet (re)inserts the key: inserts may have evicted it.
-        let first = obj
-            .program(bench::FLOW_INSERT)
-            .test_run(TestRunOptions {
-                data_in: Some(&established),
-                ..TestRunOptions::default()
-            })
-            .context("flow_table_hit (first packet): BPF_PROG_TEST_RUN")?;
-        // XDP_TX: inserted; XDP_PASS: still there.
-        ensure!(
-            matches!(first.return_value, XDP_TX | XDP_PASS),
-            "flow_table_hit: inserting the key failed (returned {})",
-            first.return_value
-        );
-        hit.push(time_run(
-            obj.program(bench::FLOW_HIT),
-            &established,
+        // The floors under (a) and (b): xdplb's flow table alone, then the
+        // same on the kernel's LRU hash.
+        let (h, i) = table_floors(
+            &mut obj,
+            &mut jump,
+            (bench::FLOW_HIT, bench::FLOW_INSERT),
+            (&established, &new_flow),
             repeat,
-            XDP_TX,
-            "flow_table_hit",
-        )?);
-
-        // The floor under (b): reset -> parse, one BPF_NOEXIST insert into
-        // a table of the same size, filled in step with the load balancer's.
-        jump.set(0, &insert_fd, 0)
-            .context("jump slot -> xlb_bench_flow_insert")?;
-        insert.push(time_run(
-            obj.program(bench::RESET),
-            &new_flow,
+            "flow_table",
+        )?;
+        hit.push(h);
+        insert.push(i);
+        let (h, i) = table_floors(
+            &mut obj,
+            &mut jump,
+            (bench::LRU_HIT, bench::LRU_INSERT),
+            (&established, &new_flow),
             repeat,
-            XDP_TX,
-            "flow_table_insert",
-        )?);
-
-        // The same two on the kernel's LRU hash.
-        let first = obj
-            .program(bench::LRU_INSERT)
-            .test_run(TestRunOptions {
-                data_in: Some(&established),
-                ..TestRunOptions::default()
-            })
-            .context("lru_hit (first packet): BPF_PROG_TEST_RUN")?;
-        ensure!(
-            matches!(first.return_value, XDP_TX | XDP_PASS),
-            "lru_hit: inserting the key failed (returned {})",
-            first.return_value
-        );
-        lru_hit.push(time_run(
-            obj.program(bench::LRU_HIT),
-            &established,
-            repeat,
-            XDP_TX,
-            "lru_hit",
-        )?);
-        jump.set(0, &lru_insert_fd, 0)
-            .context("jump slot -> xlb_bench_lru_insert")?;
-        lru_insert.push(time_run(
-            obj.program(bench::RESET),
-            &new_flow,
-            repeat,
-            XDP_TX,
-            "lru_insert",
-        )?);
+            "lru",
+        )?;
+        lru_hit.push(h);
+        lru_insert.push(i);
 
         // The reset step alone: reset -> xlb_bench_tx.
         jump.set(0, &tx_fd, 0)

@@ -381,14 +381,7 @@ pub(super) fn connection_counts(ctx: &Ctx) -> Result<String> {
         |rows| total_active(rows) == 50,
     )?;
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while long20.running()? {
-        ensure!(
-            Instant::now() < deadline,
-            "the 20-connection probe did not end"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    long20.wait_ended(Duration::from_secs(20), "the 20-connection probe")?;
     let (_, t30) = wait_rows(
         ctx,
         &vip,
@@ -404,14 +397,7 @@ pub(super) fn connection_counts(ctx: &Ctx) -> Result<String> {
     );
     long20.finish_checked(Duration::ZERO)?;
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while long30.running()? {
-        ensure!(
-            Instant::now() < deadline,
-            "the 30-connection probe did not end"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    long30.wait_ended(Duration::from_secs(20), "the 30-connection probe")?;
     let (rows, t0) = wait_rows(
         ctx,
         &vip,
