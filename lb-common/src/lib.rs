@@ -201,10 +201,6 @@ pub struct FlowKey {
 /// closed. Later packets (the last ACKs) still go to its backend; a SYN
 /// starts a new flow.
 pub const FLOW_F_CLOSED: u64 = 1;
-/// `FlowValue::flags`: a SYN reusing this closed flow's 5-tuple is replacing
-/// the entry. Set atomically, so of two such SYNs handled at once on two
-/// CPUs one replaces the entry and counts the new flow.
-pub const FLOW_F_REOPENING: u64 = 2;
 
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes
 /// it: idle timeouts are seconds to minutes, so refreshing at most once a
@@ -221,10 +217,7 @@ pub struct FlowValue {
     /// `XLB_CLOCK` (CLOCK_MONOTONIC ns, 250 ms steps) when a recent packet
     /// was seen, within `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
-    /// `FLOW_F_*` bits. 64 bits wide so the datapath can set them with an
-    /// atomic or (BPF atomics are 64-bit here); the same bytes as the
-    /// `u32` flags and zero padding of earlier releases on little-endian
-    /// machines, so pinned tables are still adopted.
+    /// `FLOW_F_*` bits, written under the flow's bucket locks.
     pub flags: u64,
 }
 
