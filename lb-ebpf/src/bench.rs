@@ -18,6 +18,9 @@
 //!   (MAC swap, XDP_TX on a hit) or one insert (bucket locks, victim slot,
 //!   write) with the load balancer's own table code (flows.rs) into
 //!   `XLB_BENCH_FLOWS`, sized by the bench like the load balancer's table.
+//! - `xlb_bench_flow_touch`: the memory floor under an insert: build the
+//!   key and read one word of each of its two buckets in the same table,
+//!   nothing else (what any two-choice table reads for a new flow).
 //! - `xlb_bench_lru_hit` / `xlb_bench_lru_insert`: the same on a kernel LRU
 //!   hash of `FlowKey` -> `FlowValue` (`XLB_BENCH_LRU`, same flow count),
 //!   what the flow table was before: the comparison that justifies it.
@@ -259,6 +262,28 @@ mod programs {
         };
         flows::unlock(&held);
         action
+    }
+
+    #[xdp]
+    pub fn xlb_bench_flow_touch(ctx: XdpContext) -> u32 {
+        let Some(key) = flow_key(&ctx) else {
+            return XDP_ABORTED;
+        };
+        let mut sum = 0u64;
+        for first in pair(&key_words(&key)) {
+            if let Some(slot) = XLB_BENCH_FLOWS.get_ptr(first) {
+                // SAFETY: a valid map value pointer; volatile so the read
+                // is made although only the return value depends on it.
+                sum = sum.wrapping_add(unsafe { core::ptr::read_volatile(&(*slot).seq) });
+            }
+        }
+        // Always XDP_TX (a sum of two u64 seqs is never u64::MAX here: they
+        // are even); the branch makes the program wait for both reads.
+        if sum == u64::MAX {
+            XDP_DROP
+        } else {
+            XDP_TX
+        }
     }
 
     #[xdp]

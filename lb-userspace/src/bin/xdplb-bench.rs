@@ -62,9 +62,10 @@ mod bench {
     pub const SINK: &str = "xlb_bench_sink";
     pub const FLOW_HIT: &str = "xlb_bench_flow_hit";
     pub const FLOW_INSERT: &str = "xlb_bench_flow_insert";
+    pub const FLOW_TOUCH: &str = "xlb_bench_flow_touch";
     pub const LRU_HIT: &str = "xlb_bench_lru_hit";
     pub const LRU_INSERT: &str = "xlb_bench_lru_insert";
-    pub const PROGRAMS: [&str; 9] = [
+    pub const PROGRAMS: [&str; 10] = [
         REFLECT,
         RESET,
         TX,
@@ -72,6 +73,7 @@ mod bench {
         SINK,
         FLOW_HIT,
         FLOW_INSERT,
+        FLOW_TOUCH,
         LRU_HIT,
         LRU_INSERT,
     ];
@@ -642,6 +644,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The flow table alone: one hit, one insert (net of the reset step).
     let (mut hit, mut insert) = (Vec::new(), Vec::new());
+    // Under the insert: one read of each of the flow's two buckets.
+    let mut touch = Vec::new();
     // The same on a kernel LRU hash (what the flow table was before).
     let (mut lru_hit, mut lru_insert) = (Vec::new(), Vec::new());
     let mut flow_entries = Vec::new();
@@ -740,6 +744,20 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         )?;
         hit.push(h);
         insert.push(i);
+        let touch_fd = obj
+            .program(bench::FLOW_TOUCH)
+            .fd()
+            .context("xlb_bench_flow_touch fd")?
+            .try_clone()?;
+        jump.set(0, &touch_fd, 0)
+            .context("jump slot -> xlb_bench_flow_touch")?;
+        touch.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "flow_table_touch",
+        )?);
         let (h, i) = table_floors(
             &mut obj,
             &mut jump,
@@ -769,8 +787,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         let last = |v: &Vec<f64>| v[v.len() - 1];
         eprintln!(
             "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns), non_vip {} ns, \
-             reflect {} ns, table hit {} ns, table insert {} ns, LRU hit {} ns, LRU insert {} ns, \
-             flow table {entries} entries",
+             reflect {} ns, table hit {} ns, table insert {} ns, table touch {} ns, LRU hit {} ns, \
+             LRU insert {} ns, flow table {entries} entries",
             last(&a),
             last(&b),
             last(&reset),
@@ -778,6 +796,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             last(&d),
             last(&hit),
             last(&insert),
+            last(&touch),
             last(&lru_hit),
             last(&lru_insert),
         );
@@ -805,6 +824,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     new_flow_json["net_median_evicting"] = json!(net_where(true));
 
     let (insert_json, insert_net) = net_case_json(&insert, &reset, reference);
+    let (touch_json, touch_net) = net_case_json(&touch, &reset, reference);
     let (lru_insert_json, lru_insert_net) = net_case_json(&lru_insert, &reset, reference);
 
     eprintln!(
@@ -822,6 +842,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ("reference_reflect", Some(reference)),
         ("table hit alone", Some(median(&hit))),
         ("table insert (net)", Some(median(&insert_net))),
+        ("table touch (net)", Some(median(&touch_net))),
         ("LRU hit", Some(median(&lru_hit))),
         ("LRU insert (net)", Some(median(&lru_insert_net))),
     ] {
@@ -843,7 +864,10 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
                    table alone (xlb_bench_flow_hit: parse, one lookup, MAC swap; \
                    xlb_bench_flow_insert behind the same reset step, net of it: one insert) \
                    with the load balancer's table code and size, filled in step with its \
-                   table. lru_hit / lru_insert: the same on a kernel LRU hash of FlowKey -> \
+                   table. flow_table_touch: under the insert, net of the reset step, \
+                   xlb_bench_flow_touch: the same key, one 8-byte read of each of its two \
+                   buckets in that table and nothing else, the memory floor of any \
+                   two-choice table of this size. lru_hit / lru_insert: the same on a kernel LRU hash of FlowKey -> \
                    FlowValue with flow_table_size entries (BPF_NOEXIST insert), what the \
                    flow table was before.",
         "repeat": repeat,
@@ -859,6 +883,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "reset_only": case_json(&reset, reference),
             "flow_table_hit": case_json(&hit, reference),
             "flow_table_insert": insert_json,
+            "flow_table_touch": touch_json,
             "lru_hit": case_json(&lru_hit, reference),
             "lru_insert": lru_insert_json,
         },

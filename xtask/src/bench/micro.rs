@@ -71,8 +71,9 @@ pub struct Kernel {
     pub repeat: u64,
     pub runs: u64,
     pub cpu: u64,
-    /// a, b, c, d, then the floors a0 and b0 (the flow table alone), then
-    /// aL and bL (the same on a kernel LRU hash, the former flow table).
+    /// a, b, c, d, then the floors a0 and b0 (the flow table alone) and bM
+    /// (the memory reads under b0), then aL and bL (the same on a kernel
+    /// LRU hash, the former flow table).
     pub cases: Vec<KernelCase>,
     /// The reset step subtracted from the new-flow case.
     pub reset_ns: f64,
@@ -138,6 +139,13 @@ pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
             "b0",
             "floor under (b): the flow table alone, one insert (net)",
             "flow_table_insert",
+            "net_median",
+            "net_ns_per_packet",
+        )?,
+        case(
+            "bM",
+            "floor under (b0): one read of each of the flow's two buckets (net)",
+            "flow_table_touch",
             "net_median",
             "net_ns_per_packet",
         )?,
