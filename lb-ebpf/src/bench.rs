@@ -277,8 +277,9 @@ mod programs {
                 sum = sum.wrapping_add(unsafe { core::ptr::read_volatile(&(*slot).seq) });
             }
         }
-        // Always XDP_TX (a sum of two u64 seqs is never u64::MAX here: they
-        // are even); the branch makes the program wait for both reads.
+        // Always XDP_TX: with no write in progress (none here) both seqs
+        // are even, so their sum is never u64::MAX. The branch makes the
+        // program wait for both reads.
         if sum == u64::MAX {
             XDP_DROP
         } else {

@@ -567,21 +567,36 @@ fn table_floors(
         XDP_TX,
         &format!("{label}_hit"),
     )?;
-    let insert_fd = obj
-        .program(insert)
-        .fd()
-        .with_context(|| format!("{insert} fd"))?
-        .try_clone()?;
-    jump.set(0, &insert_fd, 0)
-        .with_context(|| format!("jump slot -> {insert}"))?;
-    let insert_ns = time_run(
-        obj.program(bench::RESET),
+    let insert_ns = time_behind_reset(
+        obj,
+        jump,
+        insert,
         new_flow,
         repeat,
-        XDP_TX,
         &format!("{label}_insert"),
     )?;
     Ok((hit_ns, insert_ns))
+}
+
+/// Raw ns per packet of `program` (of the helper object) behind the reset
+/// step: a fresh 5-tuple each repetition, every one expected XDP_TX. The
+/// caller subtracts the reset step.
+fn time_behind_reset(
+    obj: &mut BenchObject,
+    jump: &mut ProgramArray<MapData>,
+    program: &str,
+    frame: &[u8],
+    repeat: u32,
+    case: &str,
+) -> Result<f64> {
+    let fd = obj
+        .program(program)
+        .fd()
+        .with_context(|| format!("{program} fd"))?
+        .try_clone()?;
+    jump.set(0, &fd, 0)
+        .with_context(|| format!("jump slot -> {program}"))?;
+    time_run(obj.program(bench::RESET), frame, repeat, XDP_TX, case)
 }
 
 /// A case timed behind the reset step: its raw runs, and the same runs
@@ -629,11 +644,6 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     let mut obj = BenchObject::load(table_size)?;
     let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
     let lb_fd = dp.program_mut().fd().context("xlb_lb fd")?.try_clone()?;
-    let tx_fd = obj
-        .program(bench::TX)
-        .fd()
-        .context("xlb_bench_tx fd")?
-        .try_clone()?;
     let slots = slots_for(table_size);
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
@@ -744,18 +754,12 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         )?;
         hit.push(h);
         insert.push(i);
-        let touch_fd = obj
-            .program(bench::FLOW_TOUCH)
-            .fd()
-            .context("xlb_bench_flow_touch fd")?
-            .try_clone()?;
-        jump.set(0, &touch_fd, 0)
-            .context("jump slot -> xlb_bench_flow_touch")?;
-        touch.push(time_run(
-            obj.program(bench::RESET),
+        touch.push(time_behind_reset(
+            &mut obj,
+            &mut jump,
+            bench::FLOW_TOUCH,
             &new_flow,
             repeat,
-            XDP_TX,
             "flow_table_touch",
         )?);
         let (h, i) = table_floors(
@@ -770,14 +774,13 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         lru_insert.push(i);
 
         // The reset step alone: reset -> xlb_bench_tx.
-        jump.set(0, &tx_fd, 0)
-            .context("jump slot -> xlb_bench_tx")?;
         let before = vip_totals(&dp)?;
-        reset.push(time_run(
-            obj.program(bench::RESET),
+        reset.push(time_behind_reset(
+            &mut obj,
+            &mut jump,
+            bench::TX,
             &new_flow,
             repeat,
-            XDP_TX,
             "reset_only",
         )?);
         ensure!(
