@@ -2,9 +2,11 @@
 //! the daemon: which bucket a 5-tuple lives in, and the key as the five
 //! words a slot compares.
 //!
-//! The table is an array of `FlowSlot`s in buckets of `FLOW_WAYS`, not a
-//! kernel hash map: a lookup is a few multiplies and inlined array reads,
-//! with no helper call (see docs/benchmarks.md for what that saves).
+//! The table is an array of `FlowBucket`s of `FLOW_WAYS` slots, not a
+//! kernel hash map: a lookup is a few multiplies and two inlined array
+//! reads (one per bucket: the program reaches a bucket's slots through one
+//! map value pointer), with no helper call (see docs/benchmarks.md for
+//! what that saves).
 //!
 //! Each flow has two candidate buckets and a new one goes to the emptier
 //! ("two choices"), and the table has `FLOW_SLOTS_PER_FLOW` slots per flow
@@ -65,40 +67,42 @@ pub fn slot_hash(w: &[u64; 5]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Index of the first slot of the bucket of `hash` in a table of
-/// `buckets` buckets (any count: a multiply and a shift, no division).
+/// The bucket of `hash` in a table of `buckets` buckets (any count: a
+/// multiply and a shift, no division).
 #[inline(always)]
-fn first_slot(hash: u32, buckets: u32) -> u32 {
-    ((u64::from(hash) * u64::from(buckets)) >> 32) as u32 * FLOW_WAYS
+fn bucket_of(hash: u32, buckets: u32) -> u32 {
+    ((u64::from(hash) * u64::from(buckets)) >> 32) as u32
 }
 
-/// First slots of the flow's two buckets (the same bucket twice, rarely).
+/// The flow's two buckets (the same bucket twice, rarely).
 #[inline(always)]
 pub fn bucket_pair(hash: u64, buckets: u32) -> [u32; 2] {
     [
-        first_slot(hash as u32, buckets),
-        first_slot((hash >> 32) as u32, buckets),
+        bucket_of(hash as u32, buckets),
+        bucket_of((hash >> 32) as u32, buckets),
     ]
 }
 
-/// Candidate slot `i` (`0..FLOW_CANDIDATES`) of a flow in `pair`.
+/// Candidate `i` (`0..FLOW_CANDIDATES`) of a flow in `pair`: bucket
+/// `pair[i / FLOW_WAYS]`, way `i % FLOW_WAYS`.
 #[inline(always)]
-pub fn candidate(pair: &[u32; 2], i: u32) -> u32 {
+pub fn candidate(pair: &[u32; 2], i: u32) -> (u32, u32) {
     if i < FLOW_WAYS {
-        pair[0] + i
+        (pair[0], i)
     } else {
-        pair[1] + (i - FLOW_WAYS)
+        (pair[1], i - FLOW_WAYS)
     }
+}
+
+/// Buckets (`XLB_FLOWS` entries) of the table for `flow_table_size`
+/// flows: `FLOW_SLOTS_PER_FLOW` slots per flow.
+pub const fn buckets_for(flow_table_size: u32) -> u32 {
+    flow_table_size.saturating_mul(FLOW_SLOTS_PER_FLOW) / FLOW_WAYS
 }
 
 /// Slots of the table for `flow_table_size` flows.
 pub const fn slots_for(flow_table_size: u32) -> u32 {
-    flow_table_size.saturating_mul(FLOW_SLOTS_PER_FLOW) / FLOW_WAYS * FLOW_WAYS
-}
-
-/// Buckets of a table of `slots` slots.
-pub const fn buckets_for(slots: u32) -> u32 {
-    slots / FLOW_WAYS
+    buckets_for(flow_table_size) * FLOW_WAYS
 }
 
 #[cfg(test)]
@@ -135,9 +139,7 @@ mod tests {
     fn buckets_stay_in_range() {
         for buckets in [1, 3, 256, 250_000, 25_000_000] {
             for h in [0, 1, u32::MAX / 2, u32::MAX] {
-                let first = first_slot(h, buckets);
-                assert_eq!(first % FLOW_WAYS, 0);
-                assert!(first + FLOW_WAYS <= buckets * FLOW_WAYS, "{h} of {buckets}");
+                assert!(bucket_of(h, buckets) < buckets, "{h} of {buckets}");
             }
         }
     }
@@ -156,7 +158,7 @@ mod tests {
             let mut n = [0u32; 1024];
             for k in &flows {
                 let [a, _] = bucket_pair(slot_hash(&key_words(k)), 1024);
-                n[(a / FLOW_WAYS) as usize] += 1;
+                n[a as usize] += 1;
             }
             let (min, max) = (n.iter().min().unwrap(), n.iter().max().unwrap());
             let chi2: f64 = n

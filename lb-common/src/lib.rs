@@ -325,9 +325,8 @@ pub const FLOW_WAYS: u32 = 4;
 /// `FlowSlot::seq` bit of a bucket's first slot: the bucket's write lock.
 pub const FLOW_BUCKET_LOCK: u64 = 1 << 63;
 
-/// One `XLB_FLOWS` array entry. The table is `flow_table_size` slots in
-/// buckets of `FLOW_WAYS`; every write to a bucket's slots (datapath or
-/// daemon) holds the bucket's lock, and every write bumps `seq` to odd
+/// One slot of a `FlowBucket`. Every write to a bucket's slots (datapath
+/// or daemon) holds the bucket's lock, and every write bumps `seq` to odd
 /// before and to even after, so lockless readers can tell a torn read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -340,8 +339,18 @@ pub struct FlowSlot {
     pub value: FlowValue,
 }
 
+/// One `XLB_FLOWS` array entry: `FLOW_WAYS` slots, reached through one map
+/// value pointer (one array lookup per bucket, not per slot). The table has
+/// `flow_table::buckets_for(flow_table_size)` of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    pub slots: [FlowSlot; FLOW_WAYS as usize],
+}
+
 const _: () = {
     assert!(core::mem::size_of::<FlowSlot>() == 72);
+    assert!(core::mem::size_of::<FlowBucket>() == 72 * FLOW_WAYS as usize);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 52);
@@ -362,6 +371,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::FlowSlot {}
+    unsafe impl aya::Pod for super::FlowBucket {}
     unsafe impl aya::Pod for super::Counters {}
 }
 

@@ -54,7 +54,7 @@ mod programs {
     };
     use lb_common::{
         flow_table::{bucket_pair, key_words, slot_hash},
-        FlowKey, FlowSlot, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+        FlowBucket, FlowKey, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP,
     };
 
     use crate::flows;
@@ -77,7 +77,7 @@ mod programs {
     /// Sized by the bench at load time like the load balancer's flow table
     /// (`XLB_BENCH_FLOW_BUCKETS` too).
     #[map]
-    static XLB_BENCH_FLOWS: Array<FlowSlot> = Array::with_max_entries(1, 0);
+    static XLB_BENCH_FLOWS: Array<FlowBucket> = Array::with_max_entries(1, 0);
     #[unsafe(no_mangle)]
     static XLB_BENCH_FLOW_BUCKETS: u32 = 0;
     /// Sized by the bench: as many entries as the flow table holds flows.
@@ -214,6 +214,11 @@ mod programs {
     }
 
     #[inline(always)]
+    fn buckets(words: &[u64; 5]) -> Option<flows::Buckets> {
+        flows::buckets(&XLB_BENCH_FLOWS, &pair(words))
+    }
+
+    #[inline(always)]
     fn swap_macs(ctx: &XdpContext) -> u32 {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return XDP_ABORTED;
@@ -229,10 +234,10 @@ mod programs {
             return XDP_ABORTED;
         };
         let words = key_words(&key);
-        if flows::find(&XLB_BENCH_FLOWS, &pair(&words), &words)
-            .slot
-            .is_null()
-        {
+        let Some(b) = buckets(&words) else {
+            return XDP_ABORTED;
+        };
+        if flows::find(&b, &words).slot.is_null() {
             return XDP_DROP;
         }
         swap_macs(&ctx)
@@ -246,21 +251,21 @@ mod programs {
             return XDP_ABORTED;
         };
         let words = key_words(&key);
-        let pair = pair(&words);
-        let held = flows::lock(&XLB_BENCH_FLOWS, &pair);
-        if held.low.is_null() {
+        let Some(b) = buckets(&words) else {
+            return XDP_ABORTED;
+        };
+        if !flows::lock(&b) {
             return XDP_DROP;
         }
-        let action = if flows::find_locked(&XLB_BENCH_FLOWS, &pair, &words).is_some() {
+        let action = if flows::find_locked(&b, &words).is_some() {
             XDP_PASS
-        } else if let Some((slot, _)) = flows::victim(&XLB_BENCH_FLOWS, &pair) {
+        } else {
+            let (slot, _) = flows::victim(&b);
             // SAFETY: a slot of the buckets we locked.
             unsafe { flows::write(slot, &words, &VALUE) };
             XDP_TX
-        } else {
-            XDP_DROP
         };
-        flows::unlock(&held);
+        flows::unlock(&b);
         action
     }
 
@@ -270,11 +275,11 @@ mod programs {
             return XDP_ABORTED;
         };
         let mut sum = 0u64;
-        for first in pair(&key_words(&key)) {
-            if let Some(slot) = XLB_BENCH_FLOWS.get_ptr(first) {
+        for bucket in pair(&key_words(&key)) {
+            if let Some(b) = XLB_BENCH_FLOWS.get_ptr(bucket) {
                 // SAFETY: a valid map value pointer; volatile so the read
                 // is made although only the return value depends on it.
-                sum = sum.wrapping_add(unsafe { core::ptr::read_volatile(&(*slot).seq) });
+                sum = sum.wrapping_add(unsafe { core::ptr::read_volatile(&(*b).slots[0].seq) });
             }
         }
         // Always XDP_TX: with no write in progress (none here) both seqs

@@ -1,6 +1,6 @@
 use core::mem;
 
-use crate::flows::{self, Found};
+use crate::flows::{self, Buckets, Found};
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -11,13 +11,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_table::{bucket_pair, buckets_for, key_words, slot_hash, slots_for},
+    flow_table::{bucket_pair, buckets_for, key_words, slot_hash},
     hash::{client_hash, flow_hash},
-    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowKey, FlowSlot,
-    FlowValue, Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED,
-    LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS,
-    RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
+    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowBucket, FlowKey,
+    FlowSlot, FlowValue, Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6,
+    FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
+    REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
 use network_types::{
     eth::EthHdr,
@@ -37,8 +37,8 @@ static XLB_RINGS: Array<RingChunk> =
     Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * ring_chunks_for(DEFAULT_RING_SIZE), 0);
 /// Mmapable: the daemon reads and sweeps it in place (see flows.rs).
 #[map]
-static XLB_FLOWS: Array<FlowSlot> =
-    Array::with_max_entries(slots_for(DEFAULT_FLOW_TABLE_SIZE), BPF_F_MMAPABLE);
+static XLB_FLOWS: Array<FlowBucket> =
+    Array::with_max_entries(buckets_for(DEFAULT_FLOW_TABLE_SIZE), BPF_F_MMAPABLE);
 #[map]
 static XLB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
@@ -62,7 +62,7 @@ static XLB_RING_SIZE: u32 = DEFAULT_RING_SIZE;
 #[unsafe(no_mangle)]
 static XLB_RING_CHUNKS: u32 = ring_chunks_for(DEFAULT_RING_SIZE);
 #[unsafe(no_mangle)]
-static XLB_FLOW_BUCKETS: u32 = buckets_for(slots_for(DEFAULT_FLOW_TABLE_SIZE));
+static XLB_FLOW_BUCKETS: u32 = buckets_for(DEFAULT_FLOW_TABLE_SIZE);
 
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
@@ -326,13 +326,12 @@ fn flow_buckets() -> u32 {
 /// backend its entry names, once: under the bucket lock, and only if the
 /// entry is still open.
 #[inline(always)]
-fn close(words: &[u64; 5], pair: &[u32; 2]) {
-    let held = flows::lock(&XLB_FLOWS, pair);
-    if held.low.is_null() {
+fn close(words: &[u64; 5], b: &Buckets) {
+    if !flows::lock(b) {
         // Contended past the bound: uncounted here, the flow expires.
         return;
     }
-    if let Some(slot) = flows::find_locked(&XLB_FLOWS, pair, words) {
+    if let Some(slot) = flows::find_locked(b, words) {
         // SAFETY: a valid map value pointer in the bucket we locked.
         let mut value = unsafe { (*slot).value };
         if value.flags & FLOW_F_CLOSED == 0 {
@@ -342,16 +341,16 @@ fn close(words: &[u64; 5], pair: &[u32; 2]) {
             count_closed(value.backend);
         }
     }
-    flows::unlock(&held);
+    flows::unlock(b);
 }
 
 #[inline(always)]
-fn tracked_backend(words: &[u64; 5], pair: &[u32; 2], tcp_flags: u8, now: u64) -> Tracked {
+fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tracked {
     let Found {
         slot,
         seq,
         value: tracked,
-    } = flows::find(&XLB_FLOWS, pair, words);
+    } = flows::find(b, words);
     if slot.is_null() {
         return Tracked::missing();
     }
@@ -374,7 +373,7 @@ fn tracked_backend(words: &[u64; 5], pair: &[u32; 2], tcp_flags: u8, now: u64) -
         return Tracked::replace(seq, tracked.backend, !replaced);
     }
     if !closed && is_closing(tcp_flags) {
-        close(words, pair);
+        close(words, b);
     }
     if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         // SAFETY: valid map value pointer; the one lockless write (see
@@ -395,12 +394,12 @@ fn tracked_backend(words: &[u64; 5], pair: &[u32; 2], tcp_flags: u8, now: u64) -
 #[inline(always)]
 fn follow(
     words: &[u64; 5],
-    pair: &[u32; 2],
+    b: &Buckets,
     tcp_flags: u8,
     now: u64,
     ring: (u32, Backend),
 ) -> (u32, Backend, bool) {
-    let t = tracked_backend(words, pair, tcp_flags, now);
+    let t = tracked_backend(words, b, tcp_flags, now);
     let (id, backend) = if t.track == Track::Pinned {
         (t.id, t.backend)
     } else {
@@ -434,7 +433,7 @@ fn schedule(
     vip: &VipInfo,
     flow: &FlowKey,
     words: &[u64; 5],
-    pair: &[u32; 2],
+    b: &Buckets,
     tcp_flags: u8,
     now: u64,
     found: Tracked,
@@ -470,14 +469,13 @@ fn schedule(
         last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
-    let held = flows::lock(&XLB_FLOWS, pair);
-    if held.low.is_null() {
+    if !flows::lock(b) {
         // Contended past the bound: the ring's answer (the same until the
         // backend set changes), unrecorded and uncounted; the flow's next
         // packet tries again.
         return Ok((id, backend, false));
     }
-    let made = match flows::find_locked(&XLB_FLOWS, pair, words) {
+    let made = match flows::find_locked(b, words) {
         // SAFETY (seq_of, write): a valid map value pointer in the bucket
         // we locked.
         Some(slot)
@@ -492,19 +490,17 @@ fn schedule(
         // Another CPU made or changed the entry since we read it.
         Some(_) => false,
         // No entry (any more): a new flow.
-        None => match flows::victim(&XLB_FLOWS, pair) {
-            Some((slot, old)) => {
-                count_evicted(&old);
-                // SAFETY: as above.
-                unsafe { flows::write(slot, words, &value) };
-                true
-            }
-            None => false,
-        },
+        None => {
+            let (slot, old) = flows::victim(b);
+            count_evicted(&old);
+            // SAFETY: as above.
+            unsafe { flows::write(slot, words, &value) };
+            true
+        }
     };
-    flows::unlock(&held);
+    flows::unlock(b);
     if !made {
-        return Ok(follow(words, pair, tcp_flags, now, (id, backend)));
+        return Ok(follow(words, b, tcp_flags, now, (id, backend)));
     }
     if closing {
         count_closed(id);
@@ -565,8 +561,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // through to the VIP lookup like a new one.
     let words = key_words(&flow);
     let pair = bucket_pair(slot_hash(&words), flow_buckets());
+    // Unreachable: the loader sizes the map with the bucket count the pair
+    // is computed from.
+    let b = flows::buckets(&XLB_FLOWS, &pair).ok_or(Reason::DropBackendInvalid)?;
     let (id, backend, vip_id, new_flow) = {
-        let found = tracked_backend(&words, &pair, parsed.tcp_flags, now);
+        let found = tracked_backend(&words, &b, parsed.tcp_flags, now);
         if found.track == Track::Pinned {
             (found.id, found.backend, found.backend.vip_id, false)
         } else {
@@ -575,7 +574,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
                 .copied()
                 .ok_or(Reason::PassNotVip)?;
             let (id, backend, new_flow) =
-                schedule(&vip, &flow, &words, &pair, parsed.tcp_flags, now, found)?;
+                schedule(&vip, &flow, &words, &b, parsed.tcp_flags, now, found)?;
             (id, backend, vip.id, new_flow)
         }
     };

@@ -1,7 +1,9 @@
 //! The flow table on the BPF side (shared by the datapath and the bench
 //! floors): a lockless lookup, and the bucket lock every write holds.
 //!
-//! Layout and addressing: `lb_common::FlowSlot`, `lb_common::flow_table`.
+//! Layout and addressing: `lb_common::FlowBucket`, `lb_common::flow_table`.
+//! A packet looks its two buckets up once (`buckets`); everything after
+//! reaches their slots through those two map value pointers.
 //! Protocol, the same in the daemon (lb-userspace/src/flows.rs):
 //! - A write holds the locks of both buckets of its flow (`FLOW_BUCKET_LOCK`
 //!   in a bucket's first slot's `seq`, taken with a compare-and-swap, the
@@ -26,14 +28,46 @@ use core::{
 
 use aya_ebpf::maps::Array;
 use lb_common::{
-    flow_table::{candidate, same_key, FLOW_CANDIDATES},
-    FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
+    flow_table::{same_key, FLOW_CANDIDATES},
+    FlowBucket, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
 };
 
 /// Tries at the bucket lock before giving up. A holder writes one slot
 /// (tens of ns); the bound only matters if a holder is preempted (the
 /// daemon) or the bucket is hammered from every CPU.
 const LOCK_TRIES: u32 = 64;
+
+/// A flow's two buckets (`flow_table::bucket_pair`), as map value
+/// pointers; `b[0] == b[1]` when the pair is one bucket twice.
+#[derive(Clone, Copy)]
+pub struct Buckets {
+    b: [*mut FlowBucket; 2],
+    /// `b[1]` is the lower bucket index (locked first).
+    high_first: bool,
+}
+
+/// Looks the flow's buckets (`pair`, from `flow_table::bucket_pair`) up.
+#[inline(always)]
+pub fn buckets(table: &Array<FlowBucket>, pair: &[u32; 2]) -> Option<Buckets> {
+    Some(Buckets {
+        b: [table.get_ptr_mut(pair[0])?, table.get_ptr_mut(pair[1])?],
+        high_first: pair[1] < pair[0],
+    })
+}
+
+/// Candidate slot `i` (`0..FLOW_CANDIDATES`; `flow_table::candidate`).
+/// With `i` a constant, a constant offset from one of the two pointers.
+#[inline(always)]
+fn slot(b: &Buckets, i: u32) -> *mut FlowSlot {
+    let bucket = if i < FLOW_WAYS { b.b[0] } else { b.b[1] };
+    // SAFETY: `i % FLOW_WAYS` is a slot of the bucket, so the pointer stays
+    // inside the map value.
+    unsafe {
+        (&raw mut (*bucket).slots)
+            .cast::<FlowSlot>()
+            .add((i % FLOW_WAYS) as usize)
+    }
+}
 
 /// A lockless lookup's answer: `value` as of `seq` (even, lock bit
 /// cleared) in `slot`; a null `slot` if no slot holds the key or the one
@@ -68,13 +102,11 @@ pub unsafe fn seq_of(slot: *mut FlowSlot) -> u64 {
     unsafe { read_volatile(&(*slot).seq) & !FLOW_BUCKET_LOCK }
 }
 
-/// Looks `words` up in its buckets (`pair`) without the locks.
+/// Looks `words` up in its buckets without the locks.
 #[inline(always)]
-pub fn find(table: &Array<FlowSlot>, pair: &[u32; 2], words: &[u64; 5]) -> Found {
+pub fn find(b: &Buckets, words: &[u64; 5]) -> Found {
     for i in 0..FLOW_CANDIDATES {
-        let Some(slot) = table.get_ptr_mut(candidate(pair, i)) else {
-            continue;
-        };
+        let slot = slot(b, i);
         // SAFETY: a valid map value pointer; see the module comment for
         // why an even, unchanged seq means the copy is whole.
         unsafe {
@@ -102,105 +134,83 @@ pub fn find(table: &Array<FlowSlot>, pair: &[u32; 2], words: &[u64; 5]) -> Found
     }
 }
 
-/// Takes the lock of the bucket at `first`, in `LOCK_TRIES` tries.
+/// Takes the lock of `bucket` (in its first slot's `seq`), in
+/// `LOCK_TRIES` tries.
 #[inline(always)]
-fn lock_one(table: &Array<FlowSlot>, first: u32) -> *mut FlowSlot {
-    let Some(head) = table.get_ptr_mut(first) else {
-        return core::ptr::null_mut();
-    };
+fn lock_one(bucket: *mut FlowBucket) -> bool {
+    // SAFETY: a valid map value pointer; its first slot's seq is 8-byte
+    // aligned, and every writer changes it atomically or while holding the
+    // lock.
+    let head = unsafe { &raw mut (*bucket).slots[0].seq };
     let mut tries = 0;
     while tries < LOCK_TRIES {
-        // SAFETY: a valid, 8-byte aligned map value field; every writer
-        // changes it atomically or while holding the lock.
+        // SAFETY: as above.
         unsafe {
-            let seq = read_volatile(&(*head).seq);
+            let seq = read_volatile(head);
             if seq & FLOW_BUCKET_LOCK == 0 {
-                let (_, taken) =
-                    atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                        &raw mut (*head).seq,
-                        seq,
-                        seq | FLOW_BUCKET_LOCK,
-                    );
+                let (_, taken) = atomic_cxchg::<
+                    u64,
+                    { AtomicOrdering::SeqCst },
+                    { AtomicOrdering::SeqCst },
+                >(head, seq, seq | FLOW_BUCKET_LOCK);
                 if taken {
-                    return head;
+                    return true;
                 }
             }
         }
         tries += 1;
     }
-    core::ptr::null_mut()
+    false
 }
 
 #[inline(always)]
-fn unlock_one(head: *mut FlowSlot) {
+fn unlock_one(bucket: *mut FlowBucket) {
     // SAFETY: the caller holds the lock; see `lock_one`.
     unsafe {
-        atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*head).seq, !FLOW_BUCKET_LOCK);
+        atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
+            &raw mut (*bucket).slots[0].seq,
+            !FLOW_BUCKET_LOCK,
+        );
     }
 }
 
-/// The locks of a flow's buckets, from `lock`: `low` null if not taken;
-/// `high` null if both buckets are one.
-pub struct Held {
-    pub low: *mut FlowSlot,
-    high: *mut FlowSlot,
-}
-
-/// Takes the locks of both buckets of `pair`, the lower first (two CPUs
-/// never wait on each other in a cycle); `Held::low` is null if either
-/// stayed taken for `LOCK_TRIES`.
+/// Takes the locks of both buckets, the lower index first (two CPUs never
+/// wait on each other in a cycle); false if either stayed taken for
+/// `LOCK_TRIES` (then neither is held).
 #[inline(always)]
-pub fn lock(table: &Array<FlowSlot>, pair: &[u32; 2]) -> Held {
-    let (low, high) = if pair[0] <= pair[1] {
-        (pair[0], pair[1])
+pub fn lock(b: &Buckets) -> bool {
+    let (first, second) = if b.high_first {
+        (b.b[1], b.b[0])
     } else {
-        (pair[1], pair[0])
+        (b.b[0], b.b[1])
     };
-    let none = Held {
-        low: core::ptr::null_mut(),
-        high: core::ptr::null_mut(),
-    };
-    let low_head = lock_one(table, low);
-    if low_head.is_null() {
-        return none;
+    if !lock_one(first) {
+        return false;
     }
-    if high == low {
-        return Held {
-            low: low_head,
-            high: core::ptr::null_mut(),
-        };
+    if second == first {
+        return true;
     }
-    let high_head = lock_one(table, high);
-    if high_head.is_null() {
-        unlock_one(low_head);
-        return none;
+    if !lock_one(second) {
+        unlock_one(first);
+        return false;
     }
-    Held {
-        low: low_head,
-        high: high_head,
-    }
+    true
 }
 
-/// Releases the locks `lock` took (`held.low` not null).
+/// Releases the locks `lock` took (it returned true).
 #[inline(always)]
-pub fn unlock(held: &Held) {
-    if !held.high.is_null() {
-        unlock_one(held.high);
+pub fn unlock(b: &Buckets) {
+    if b.b[1] != b.b[0] {
+        unlock_one(b.b[1]);
     }
-    unlock_one(held.low);
+    unlock_one(b.b[0]);
 }
 
-/// The slot holding `words` in its locked buckets (`pair`).
+/// The slot holding `words` in its locked buckets.
 #[inline(always)]
-pub fn find_locked(
-    table: &Array<FlowSlot>,
-    pair: &[u32; 2],
-    words: &[u64; 5],
-) -> Option<*mut FlowSlot> {
+pub fn find_locked(b: &Buckets, words: &[u64; 5]) -> Option<*mut FlowSlot> {
     for i in 0..FLOW_CANDIDATES {
-        let Some(slot) = table.get_ptr_mut(candidate(pair, i)) else {
-            continue;
-        };
+        let slot = slot(b, i);
         // SAFETY: a valid map value pointer; the bucket is locked, so no
         // key changes under us.
         if same_key(unsafe { &*key_of(slot) }, words) {
@@ -210,31 +220,27 @@ pub fn find_locked(
     None
 }
 
-/// The slot a new flow takes in its locked buckets (`pair`): an empty one
-/// in the emptier bucket, else the closed flow seen longest ago, else the
-/// open one seen longest ago. Returns it with a copy of what it held.
+/// The slot a new flow takes in its locked buckets: an empty one in the
+/// emptier bucket, else the closed flow seen longest ago, else the open one
+/// seen longest ago. Returns it with a copy of what it held.
 #[inline(always)]
-pub fn victim(table: &Array<FlowSlot>, pair: &[u32; 2]) -> Option<(*mut FlowSlot, FlowSlot)> {
+pub fn victim(b: &Buckets) -> (*mut FlowSlot, FlowSlot) {
     let mut used = [0u64; 2];
     for i in 0..FLOW_CANDIDATES {
-        let Some(slot) = table.get_ptr_mut(candidate(pair, i)) else {
-            continue;
-        };
         // SAFETY: a valid map value pointer in a locked bucket.
-        let family = u64::from(unsafe { (*slot).key.family });
+        let family = u64::from(unsafe { (*slot(b, i)).key.family });
         // Branch-free (1 if family is not 0): a branch here would give
         // the verifier 2^8 states to walk through the rest of the program.
         used[(i / FLOW_WAYS) as usize] += (family + 255) >> 8;
     }
-    let mut best = pair[0];
+    let mut best = 0;
     let mut best_rank = u64::MAX;
     for i in 0..FLOW_CANDIDATES {
-        let index = candidate(pair, i);
-        let Some(slot) = table.get_ptr_mut(index) else {
-            continue;
-        };
         // SAFETY: as above.
-        let (family, value) = unsafe { ((*slot).key.family, (*slot).value) };
+        let (family, value) = unsafe {
+            let s = slot(b, i);
+            ((*s).key.family, (*s).value)
+        };
         // Empty (in the emptier bucket) first, then closed, then open, the
         // older first. (last_seen_ns is CLOCK_MONOTONIC ns: far below 2^62.)
         let rank = if family == 0 {
@@ -246,12 +252,13 @@ pub fn victim(table: &Array<FlowSlot>, pair: &[u32; 2]) -> Option<(*mut FlowSlot
         };
         if rank < best_rank {
             best_rank = rank;
-            best = index;
+            best = i;
         }
     }
-    let slot = table.get_ptr_mut(best)?;
+    // Masked: a bounded offset into one bucket, for the verifier.
+    let slot = slot(b, best & (FLOW_CANDIDATES - 1));
     // SAFETY: as above.
-    Some((slot, unsafe { *slot }))
+    (slot, unsafe { *slot })
 }
 
 /// Writes `words` and `value` into a slot of a locked bucket.

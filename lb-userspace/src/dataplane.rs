@@ -17,10 +17,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    flow_table::{buckets_for, slots_for},
-    globals, maps, programs, ring_chunk_index, ring_chunks_for, Backend, Counters, FlowKey,
-    FlowSlot, FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS, MAX_TX_PORTS,
-    REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
+    flow_table::buckets_for, globals, maps, programs, ring_chunk_index, ring_chunks_for, Backend,
+    Counters, FlowBucket, FlowKey, FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS,
+    MAX_TX_PORTS, REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -116,8 +115,8 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
         ),
         maps::FLOWS => (
             4,
-            sz(size_of::<FlowSlot>()),
-            slots_for(settings.flow_table_size),
+            sz(size_of::<FlowBucket>()),
+            buckets_for(settings.flow_table_size),
         ),
         maps::TX_PORTS => (4, 8, MAX_TX_PORTS),
         maps::VIP_STATS => (4, sz(size_of::<Counters>()), settings.max_vips),
@@ -173,8 +172,7 @@ impl Dataplane {
         pin_dir: Option<&Path>,
     ) -> Result<Self, DataplaneError> {
         let chunks = ring_chunks_for(settings.ring_size);
-        let slots = slots_for(settings.flow_table_size);
-        let buckets = buckets_for(slots);
+        let buckets = buckets_for(settings.flow_table_size);
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
         loader
@@ -184,7 +182,7 @@ impl Dataplane {
             .map_max_entries(maps::VIPS, settings.max_vips)
             .map_max_entries(maps::VIP_STATS, settings.max_vips)
             .map_max_entries(maps::RINGS, settings.max_vips * 2 * chunks)
-            .map_max_entries(maps::FLOWS, slots);
+            .map_max_entries(maps::FLOWS, buckets);
         if let Some(dir) = pin_dir {
             std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
                 context: format!("creating {}", dir.display()),
@@ -220,7 +218,7 @@ impl Dataplane {
             vips: take_map!(ebpf, maps::VIPS),
             backends: take_map!(ebpf, maps::BACKENDS),
             rings: take_map!(ebpf, maps::RINGS),
-            flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), slots)?,
+            flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), buckets)?,
             tx_ports: take_map!(ebpf, maps::TX_PORTS),
             vip_stats: take_map!(ebpf, maps::VIP_STATS),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),

@@ -17,10 +17,8 @@ use std::{
 
 use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
-    flow_table::{
-        bucket_pair, buckets_for, candidate, key_words, same_key, slot_hash, FLOW_CANDIDATES,
-    },
-    FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_WAYS,
+    flow_table::{bucket_pair, candidate, key_words, same_key, slot_hash, FLOW_CANDIDATES},
+    FlowBucket, FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_WAYS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +40,22 @@ const LOCK_WAIT: Duration = Duration::from_millis(100);
 /// Reads of a slot that keep being torn by writers before giving up.
 const READ_TRIES: u32 = 1000;
 
-/// Bytes mapped for a table of `slots` slots.
-fn mapping_len(slots: u32) -> usize {
-    slots as usize * size_of::<FlowSlot>()
+/// Bytes mapped for a table of `buckets` buckets.
+fn mapping_len(buckets: u32) -> usize {
+    buckets as usize * size_of::<FlowBucket>()
+}
+
+/// Slot `index` of the mapping: bucket `index / FLOW_WAYS`, way
+/// `index % FLOW_WAYS` (the buckets' slots are contiguous).
+fn slot_index((bucket, way): (u32, u32)) -> u32 {
+    bucket * FLOW_WAYS + way
 }
 
 pub struct FlowTable {
     /// Keeps the map (and so the mapping's object) alive.
-    _map: Array<MapData, FlowSlot>,
+    _map: Array<MapData, FlowBucket>,
     base: NonNull<FlowSlot>,
-    slots: u32,
+    buckets: u32,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; every access
@@ -59,10 +63,10 @@ pub struct FlowTable {
 unsafe impl Send for FlowTable {}
 
 impl FlowTable {
-    /// Maps `map` (created `BPF_F_MMAPABLE`, `slots` entries: see
-    /// `lb_common::flow_table::slots_for`) into memory.
-    pub fn new(map: Array<MapData, FlowSlot>, slots: u32) -> Result<Self, FlowTableError> {
-        let bytes = mapping_len(slots);
+    /// Maps `map` (created `BPF_F_MMAPABLE`, `buckets` entries: see
+    /// `lb_common::flow_table::buckets_for`) into memory.
+    pub fn new(map: Array<MapData, FlowBucket>, buckets: u32) -> Result<Self, FlowTableError> {
+        let bytes = mapping_len(buckets);
         // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
         // the length against the map and the mapping outlives no one (it is
         // unmapped in Drop, after which nothing reads it).
@@ -89,12 +93,20 @@ impl FlowTable {
         Ok(Self {
             _map: map,
             base,
-            slots,
+            buckets,
         })
     }
 
+    fn slots(&self) -> u32 {
+        self.buckets * FLOW_WAYS
+    }
+
     fn slot(&self, index: u32) -> *mut FlowSlot {
-        assert!(index < self.slots, "flow slot {index} of {}", self.slots);
+        assert!(
+            index < self.slots(),
+            "flow slot {index} of {}",
+            self.slots()
+        );
         // SAFETY: in bounds of the mapping.
         unsafe { self.base.as_ptr().add(index as usize) }
     }
@@ -104,6 +116,11 @@ impl FlowTable {
         // long as `self`; the datapath also only changes it atomically or
         // under the lock.
         unsafe { AtomicU64::from_ptr(&raw mut (*self.slot(index)).seq) }
+    }
+
+    /// The `seq` of `bucket`'s first slot, which holds the bucket's lock.
+    fn head(&self, bucket: u32) -> &AtomicU64 {
+        self.seq(slot_index((bucket, 0)))
     }
 
     /// A whole copy of slot `index`, or `None` if writers kept tearing it.
@@ -126,11 +143,12 @@ impl FlowTable {
     }
 
     fn pair(&self, key: &FlowKey) -> [u32; 2] {
-        bucket_pair(slot_hash(&key_words(key)), buckets_for(self.slots))
+        bucket_pair(slot_hash(&key_words(key)), self.buckets)
     }
 
+    /// The slot indexes of a flow's candidates.
     fn candidates(pair: [u32; 2]) -> impl Iterator<Item = u32> {
-        (0..FLOW_CANDIDATES).map(move |i| candidate(&pair, i))
+        (0..FLOW_CANDIDATES).map(move |i| slot_index(candidate(&pair, i)))
     }
 
     /// Runs `f` with the locks of both buckets of `pair` held.
@@ -139,23 +157,23 @@ impl FlowTable {
         self.lock_one(low)?;
         if high != low {
             if let Err(e) = self.lock_one(high) {
-                self.seq(low)
+                self.head(low)
                     .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
                 return Err(e);
             }
         }
         let result = f();
         if high != low {
-            self.seq(high)
+            self.head(high)
                 .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
         }
-        self.seq(low)
+        self.head(low)
             .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
         Ok(result)
     }
 
-    fn lock_one(&self, first: u32) -> Result<(), FlowTableError> {
-        let head = self.seq(first);
+    fn lock_one(&self, bucket: u32) -> Result<(), FlowTableError> {
+        let head = self.head(bucket);
         let started = Instant::now();
         loop {
             let seq = head.load(Ordering::Relaxed);
@@ -173,7 +191,7 @@ impl FlowTable {
             }
             if started.elapsed() > LOCK_WAIT {
                 return Err(FlowTableError::Locked {
-                    bucket: first / FLOW_WAYS,
+                    bucket,
                     waited: started.elapsed(),
                 });
             }
@@ -217,7 +235,7 @@ impl FlowTable {
 
     /// Copies of the slots that hold a flow.
     fn occupied(&self) -> impl Iterator<Item = FlowSlot> + '_ {
-        (0..buckets_for(self.slots) * FLOW_WAYS)
+        (0..self.slots())
             .filter_map(|i| self.read(i))
             .filter(|s| s.key.family != 0)
     }
@@ -260,9 +278,7 @@ impl FlowTable {
                     self.write_locked(i, key, value);
                     Ok(())
                 }
-                None => Err(FlowTableError::BucketFull {
-                    bucket: pair[0] / FLOW_WAYS,
-                }),
+                None => Err(FlowTableError::BucketFull { bucket: pair[0] }),
             }
         })?
     }
@@ -271,6 +287,6 @@ impl FlowTable {
 impl Drop for FlowTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, not used after this.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), mapping_len(self.slots)) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), mapping_len(self.buckets)) };
     }
 }

@@ -466,10 +466,10 @@ impl BenchObject {
     /// `flow_table_size` flows like the load balancer's, and its LRU hash
     /// holds as many.
     fn load(flow_table_size: u32) -> Result<BenchObject> {
-        let slots = slots_for(flow_table_size);
+        let buckets = buckets_for(flow_table_size);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(bench::FLOWS, slots)
-            .override_global(bench::FLOW_BUCKETS, &buckets_for(slots), true)
+            .map_max_entries(bench::FLOWS, buckets)
+            .override_global(bench::FLOW_BUCKETS, &buckets, true)
             .map_max_entries(bench::LRU, flow_table_size)
             .load(BENCH_OBJECT)
             .context("loading the lb-bench object")?;
