@@ -32,9 +32,15 @@ pub mod maps {
     /// One `u64`: CLOCK_MONOTONIC in ns, written by the daemon every 250 ms.
     /// Flow timestamps use it; `bpf_ktime_get_ns` costs ~28 ns a packet here.
     pub const CLOCK: &str = "XLB_CLOCK";
+    /// `u32` per `vip_index_slot`: which VIP a new flow's destination may
+    /// be, so the new-flow path finds its `VipInfo` with two array reads
+    /// and no hash lookup (see `VipEntry`).
+    pub const VIP_INDEX: &str = "XLB_VIP_INDEX";
+    /// `VipEntry` per VIP id.
+    pub const VIP_BY_ID: &str = "XLB_VIP_BY_ID";
 
     /// Every map, for pinning and adoption.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         VIPS,
         BACKENDS,
         RINGS,
@@ -46,6 +52,8 @@ pub mod maps {
         BACKEND_EXPIRED,
         VIP_FILTER,
         CLOCK,
+        VIP_INDEX,
+        VIP_BY_ID,
     ];
 }
 
@@ -96,6 +104,18 @@ pub const fn vip_filter_slot(addr: &[u32; 4], port_be: u16, proto: u8) -> u32 {
     x.wrapping_mul(0x9e37_79b1) >> 16
 }
 
+/// `XLB_VIP_INDEX` entries. Written by the daemon only, read per new flow.
+pub const VIP_INDEX_SLOTS: u32 = 4096;
+/// `XLB_VIP_INDEX` value: several VIPs share the slot; look the
+/// destination up in `XLB_VIPS`. (0: no VIP; else the VIP id + 1.)
+pub const VIP_INDEX_SHARED: u32 = u32::MAX;
+
+/// The `XLB_VIP_INDEX` slot of a VIP, from its `vip_filter_slot`.
+#[inline(always)]
+pub const fn vip_index_slot(filter_slot: u32) -> u32 {
+    filter_slot % VIP_INDEX_SLOTS
+}
+
 /// Ring slot value meaning "no backend" (a VIP whose backends all have
 /// weight 0, or none at all).
 pub const EMPTY_SLOT: u32 = u32::MAX;
@@ -143,6 +163,23 @@ pub struct VipInfo {
     /// writes the other ring, then flips this in one map update.
     pub active_ring: u32,
     pub _pad: u32,
+}
+
+/// `XLB_VIP_BY_ID` value: a VIP's key and `XLB_VIPS` value, by VIP id.
+///
+/// The datapath trusts an entry only if its key is the packet's, so an
+/// index slot naming a VIP that is going away, or a destination that only
+/// shares the VIP's slot, reads as no VIP. The daemon never writes a key
+/// into an entry the index names (a new VIP's entry is complete before the
+/// index names it; an id is reused only after the index stopped naming it),
+/// and it changes an entry's info one 4-byte field per map update, so a
+/// read racing with an update sees the old or the new field, never a mix
+/// of two updates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipEntry {
+    pub key: VipKey,
+    pub info: VipInfo,
 }
 
 /// `Backend::flags`: failed its health check. Flows pinned to it are
@@ -353,6 +390,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowBucket>() == 72 * FLOW_WAYS as usize);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<VipEntry>() == 36);
     assert!(core::mem::size_of::<Backend>() == 52);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowValue>() == 24);
@@ -367,6 +405,7 @@ mod pod {
     // arrays, and have explicit padding fields (no implicit padding bytes).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::VipEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}

@@ -19,6 +19,7 @@ use lb_common::{
     FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
     REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
+use lb_common::{vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -55,6 +56,10 @@ static XLB_BACKEND_EXPIRED: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0
 static XLB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 #[map]
 static XLB_CLOCK: Array<u64> = Array::with_max_entries(1, 0);
+#[map]
+static XLB_VIP_INDEX: Array<u32> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
+#[map]
+static XLB_VIP_BY_ID: Array<VipEntry> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 // Read-only globals, overridden by the loader (lb_common::globals).
 #[unsafe(no_mangle)]
@@ -314,6 +319,37 @@ impl Tracked {
     }
 }
 
+/// A VIP key as five words: compared without a memcmp call.
+#[inline(always)]
+fn vip_words(k: &VipKey) -> [u32; 5] {
+    [
+        k.addr[0],
+        k.addr[1],
+        k.addr[2],
+        k.addr[3],
+        u32::from(k.port_be) | (u32::from(k.proto) << 16) | (u32::from(k.family) << 24),
+    ]
+}
+
+/// The `VipInfo` of `key` (whose filter slot is `filter_slot`), for a new
+/// flow: the index slot names the VIP, whose entry must have this key (see
+/// `VipEntry`); a slot several VIPs share sends the lookup to `XLB_VIPS`.
+/// Two inlined array reads instead of a hash lookup, which costs two
+/// kernel calls and returns (through this VM's return thunks).
+#[inline(always)]
+fn vip_info(key: &VipKey, filter_slot: u32) -> Option<VipInfo> {
+    let named = *XLB_VIP_INDEX.get(vip_index_slot(filter_slot))?;
+    if named == VIP_INDEX_SHARED {
+        // SAFETY: copied out at once.
+        return unsafe { XLB_VIPS.get(key) }.copied();
+    }
+    // 0 (no VIP) wraps to an id past the map: None.
+    let entry = XLB_VIP_BY_ID.get(named.wrapping_sub(1))?;
+    let (a, b) = (vip_words(&entry.key), vip_words(key));
+    let differ = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]);
+    (differ == 0).then_some(entry.info)
+}
+
 /// The flow table's bucket count (a read-only global the loader sets).
 #[inline(always)]
 fn flow_buckets() -> u32 {
@@ -569,10 +605,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         if found.track == Track::Pinned {
             (found.id, found.backend, found.backend.vip_id, false)
         } else {
-            // SAFETY: copied out at once.
-            let vip = unsafe { XLB_VIPS.get(&vip_key) }
-                .copied()
-                .ok_or(Reason::PassNotVip)?;
+            let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
             let (id, backend, new_flow) =
                 schedule(&vip, &flow, &words, &b, parsed.tcp_flags, now, found)?;
             (id, backend, vip.id, new_flow)

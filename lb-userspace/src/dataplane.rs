@@ -4,6 +4,7 @@
 //! policy: which ids to use and in what order to write is `state`'s job.
 
 use std::{
+    collections::BTreeMap,
     mem::size_of,
     path::{Path, PathBuf},
 };
@@ -21,6 +22,7 @@ use lb_common::{
     Counters, FlowBucket, FlowKey, FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS,
     MAX_TX_PORTS, REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
 };
+use lb_common::{vip_filter_slot, vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
 
 use crate::{
     config::{DatapathSettings, XdpMode},
@@ -125,6 +127,8 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
         maps::BACKEND_EXPIRED => (4, 8, MAX_BACKENDS),
         maps::VIP_FILTER => (4, 8, VIP_FILTER_WORDS),
         maps::CLOCK => (4, 8, 1),
+        maps::VIP_INDEX => (4, 4, VIP_INDEX_SLOTS),
+        maps::VIP_BY_ID => (4, sz(size_of::<VipEntry>()), settings.max_vips),
         other => unreachable!("map {other} has no expected layout"),
     }
 }
@@ -143,6 +147,10 @@ pub struct Dataplane {
     vip_filter: Array<MapData, u64>,
     clock: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_index: Array<MapData, u32>,
+    vip_by_id: Array<MapData, VipEntry>,
+    /// The VIPs (key, id) of each `XLB_VIP_INDEX` slot in use, as written.
+    index_vips: BTreeMap<u32, Vec<(VipKey, u32)>>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
     flows: FlowTable,
@@ -181,6 +189,7 @@ impl Dataplane {
             .override_global(globals::FLOW_BUCKETS, &buckets, true)
             .map_max_entries(maps::VIPS, settings.max_vips)
             .map_max_entries(maps::VIP_STATS, settings.max_vips)
+            .map_max_entries(maps::VIP_BY_ID, settings.max_vips)
             .map_max_entries(maps::RINGS, settings.max_vips * 2 * chunks)
             .map_max_entries(maps::FLOWS, buckets);
         if let Some(dir) = pin_dir {
@@ -210,12 +219,15 @@ impl Dataplane {
             context: format!("verifying program {}", programs::LB),
             source,
         })?;
-        Ok(Self {
+        let mut dp = Self {
             settings,
             pin_dir: pin_dir.map(Path::to_path_buf),
             adopted,
             links: Vec::new(),
             vips: take_map!(ebpf, maps::VIPS),
+            vip_index: take_map!(ebpf, maps::VIP_INDEX),
+            vip_by_id: take_map!(ebpf, maps::VIP_BY_ID),
+            index_vips: BTreeMap::new(),
             backends: take_map!(ebpf, maps::BACKENDS),
             rings: take_map!(ebpf, maps::RINGS),
             flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), buckets)?,
@@ -227,7 +239,78 @@ impl Dataplane {
             vip_filter: take_map!(ebpf, maps::VIP_FILTER),
             clock: take_map!(ebpf, maps::CLOCK),
             ebpf,
-        })
+        };
+        dp.sync_vip_index()?;
+        Ok(dp)
+    }
+
+    /// Makes `XLB_VIP_INDEX` and `XLB_VIP_BY_ID` match `XLB_VIPS`: empty
+    /// for a fresh load; for adopted maps the same, unless they were pinned
+    /// by a build without them (then they are new and get filled here).
+    fn sync_vip_index(&mut self) -> Result<(), DataplaneError> {
+        for (key, info) in self.vip_entries()? {
+            self.write_vip_entry(&key, &info)?;
+            self.index_vips
+                .entry(index_slot(&key))
+                .or_default()
+                .push((key, info.id));
+        }
+        for slot in 0..VIP_INDEX_SLOTS {
+            let want = self.index_value(slot);
+            if self.vip_index.get(&slot, 0).ok() != Some(want) {
+                self.write_index(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What `XLB_VIP_INDEX` slot `slot` must hold (see `VIP_INDEX_SHARED`).
+    fn index_value(&self, slot: u32) -> u32 {
+        match self.index_vips.get(&slot).map(Vec::as_slice) {
+            None | Some([]) => 0,
+            Some([(_, id)]) => id + 1,
+            Some(_) => VIP_INDEX_SHARED,
+        }
+    }
+
+    fn write_index(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let value = self.index_value(slot);
+        self.vip_index
+            .set(slot, value, 0)
+            .map_err(map_err(format!("writing VIP index slot {slot}")))
+    }
+
+    /// Writes the `XLB_VIP_BY_ID` entry of `info.id`: whole if it holds
+    /// another key (the index does not name it for this key yet), else one
+    /// changed 4-byte field per update (see `VipEntry`).
+    fn write_vip_entry(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        let id = info.id;
+        let err = || map_err(format!("writing the entry of VIP {id}"));
+        let mut entry = self.vip_by_id.get(&id, 0).map_err(err())?;
+        if entry.key != *key {
+            entry = VipEntry {
+                key: *key,
+                info: *info,
+            };
+            return self.vip_by_id.set(id, entry, 0).map_err(err());
+        }
+        let words = |i: &VipInfo| [i.id, i.flags, i.active_ring, i._pad];
+        let want = words(info);
+        for n in 0..want.len() {
+            let mut have = words(&entry.info);
+            if have[n] != want[n] {
+                have[n] = want[n];
+                let [id, flags, active_ring, _pad] = have;
+                entry.info = VipInfo {
+                    id,
+                    flags,
+                    active_ring,
+                    _pad,
+                };
+                self.vip_by_id.set(info.id, entry, 0).map_err(err())?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the maps were adopted from a previous daemon's pins.
@@ -345,13 +428,38 @@ impl Dataplane {
         Ok(how)
     }
 
+    /// Adds or changes a VIP: its `XLB_VIPS` entry, then its entry by id,
+    /// then the index slot that names it (so the datapath never follows
+    /// the index to an entry that is not complete).
     pub fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
         self.vips
             .insert(key, info, 0)
-            .map_err(map_err(format!("writing VIP {}", info.id)))
+            .map_err(map_err(format!("writing VIP {}", info.id)))?;
+        self.write_vip_entry(key, info)?;
+        let slot = index_slot(key);
+        let named = self.index_vips.entry(slot).or_default();
+        match named.iter_mut().find(|(k, _)| k == key) {
+            Some((_, id)) if *id == info.id => return Ok(()),
+            Some((_, id)) => *id = info.id,
+            None => named.push((*key, info.id)),
+        }
+        self.write_index(slot)
     }
 
+    /// Removes a VIP: the index stops naming it first, then its `XLB_VIPS`
+    /// entry goes (its entry by id stays until the id is reused).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        let slot = index_slot(key);
+        if let Some(named) = self.index_vips.get_mut(&slot) {
+            let before = named.len();
+            named.retain(|(k, _)| k != key);
+            if named.len() != before {
+                if named.is_empty() {
+                    self.index_vips.remove(&slot);
+                }
+                self.write_index(slot)?;
+            }
+        }
         match self.vips.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err("removing VIP")(e)),
@@ -574,4 +682,9 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
             source,
         }),
     }
+}
+
+/// The `XLB_VIP_INDEX` slot of a VIP.
+fn index_slot(key: &VipKey) -> u32 {
+    vip_index_slot(vip_filter_slot(&key.addr, key.port_be, key.proto))
 }

@@ -1825,3 +1825,54 @@ fn open_flows_pushed_out_of_a_full_table_count_as_closed() {
         "the newest flow has its entry"
     );
 }
+
+#[test]
+fn vips_sharing_an_index_slot_both_balance() {
+    // Two VIPs whose XLB_VIP_INDEX slot is the same: new flows of both are
+    // found through XLB_VIPS instead (VIP_INDEX_SHARED), and once one goes
+    // the other is named by the slot again.
+    let mut h = Harness::new();
+    let slot = |port: u16| {
+        lb_common::vip_index_slot(lb_common::vip_filter_slot(
+            &[u32::from_ne_bytes(VIP4), 0, 0, 0],
+            port.to_be(),
+            PROTO_TCP,
+        ))
+    };
+    let port = (81..=u16::MAX)
+        .find(|&p| slot(p) == slot(80))
+        .expect("a port sharing port 80's index slot");
+    let before = h.cfg.clone();
+    let mut cfg = before.clone();
+    let mut sharing = h.vip("single-tcp").clone();
+    sharing.name = Some("sharing".into());
+    sharing.port = port;
+    sharing.backends[0].address = "10.200.0.12".parse().expect("address");
+    sharing.backends[0].mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x12]));
+    cfg.vips.push(sharing);
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("adding a VIP sharing the slot");
+    h.cfg = cfg;
+    for (p, dport, mac) in [(40_000, 80, 0x11), (40_001, port, 0x12)] {
+        let (action, out) = h.run(&tcp4_flags(VIP4, p, dport, TCP_SYN));
+        assert_eq!(action, XDP_TX, "new flow to port {dport}");
+        assert_eq!(
+            out[0..6],
+            [0x02, 0, 0, 0, 0, mac],
+            "new flow to port {dport}"
+        );
+    }
+    h.state
+        .apply(&mut h.dp, &before, &mut h.resolver)
+        .expect("removing the VIP sharing the slot");
+    h.cfg = before;
+    let (action, out) = h.run(&tcp4_flags(VIP4, 40_002, 80, TCP_SYN));
+    assert_eq!(
+        action, XDP_TX,
+        "new flow to port 80 after the other VIP left"
+    );
+    assert_eq!(out[0..6], [0x02, 0, 0, 0, 0, 0x11]);
+    let (action, _) = h.run(&tcp4_flags(VIP4, 40_003, port, TCP_SYN));
+    assert_eq!(action, XDP_PASS, "port {port} is no VIP any more");
+}
