@@ -46,7 +46,8 @@ enum Command {
         /// with a fallback to generic when the driver refuses.
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpMode>,
-        /// Control socket (HTTP/JSON, created mode 0600).
+        /// Control socket (HTTP/JSON, created mode 0600 in a 0700 directory;
+        /// removed on exit, with the directory if the daemon made it).
         #[arg(long, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Prometheus endpoint address, or `off`.
@@ -157,7 +158,9 @@ async fn run(
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     // Bind the control socket first: it fails fast if another daemon runs.
-    let listener = server::bind(&socket)?;
+    // Removes the socket (and its directory, if bind made it) on every way
+    // out of this function.
+    let (listener, socket_guard) = server::bind(&socket)?;
 
     // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up as
     // events for the loop below, the only owner of the state.
@@ -238,7 +241,7 @@ async fn run(
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&socket);
+    drop(socket_guard);
     let stats = daemon.shutdown()?;
     match exit_stats {
         ExitStats::None => {}

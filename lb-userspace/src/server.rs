@@ -170,14 +170,23 @@ pub fn router(tx: Tx) -> Router {
 /// Binds the control socket: its directory is created mode 0700, the socket
 /// mode 0600, both owned by the daemon's user (root). A stale socket file
 /// (nobody listening) is replaced; a live one means another daemon runs.
-pub fn bind(path: &Path) -> Result<UnixListener> {
+/// The returned guard removes the socket file when dropped, and the
+/// directory too if this call created it and it is empty by then.
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard)> {
+    let mut created_dir = None;
     if let Some(dir) = path.parent() {
-        if !dir.exists() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            created_dir = Some(dir.to_path_buf());
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
         }
     }
+    // From here on, an early return removes what this call made.
+    let mut guard = SocketGuard {
+        path: None,
+        created_dir,
+    };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
@@ -190,14 +199,125 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the control socket {}", path.display()))?;
+    guard.path = Some(path.to_path_buf());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(listener)
+    Ok((listener, guard))
+}
+
+/// What `bind` made on disk: the socket file, and the directory if `bind`
+/// created it. Dropping the guard removes them (the directory only if it
+/// is empty: something else may have been put there since).
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: Option<PathBuf>,
+    created_dir: Option<PathBuf>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(dir) = &self.created_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Serves the API until the task is dropped.
 pub async fn serve(listener: UnixListener, tx: Tx, path: PathBuf) {
     if let Err(e) = axum::serve(listener, router(tx)).await {
         tracing::error!("control socket {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("xdplb-server-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn a_directory_bind_made_goes_with_the_socket() {
+        let scratch = Scratch::new("made");
+        let dir = scratch.0.join("run");
+        let path = dir.join("xdplb.sock");
+        let (_listener, guard) = bind(&path).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+        drop(guard);
+        assert!(!path.exists(), "socket left behind");
+        assert!(!dir.exists(), "directory bind created left behind");
+    }
+
+    #[tokio::test]
+    async fn an_existing_directory_stays_and_so_does_what_else_is_in_it() {
+        let scratch = Scratch::new("existing");
+        let path = scratch.0.join("xdplb.sock");
+        let (_listener, guard) = bind(&path).unwrap();
+        drop(guard);
+        assert!(!path.exists(), "socket left behind");
+        assert!(
+            scratch.0.is_dir(),
+            "a directory bind did not make was removed"
+        );
+
+        // A directory bind made but that holds something else by exit stays.
+        let dir = scratch.0.join("run");
+        let path = dir.join("xdplb.sock");
+        let (_listener, guard) = bind(&path).unwrap();
+        std::fs::write(dir.join("other"), b"x").unwrap();
+        drop(guard);
+        assert!(!path.exists(), "socket left behind");
+        assert!(dir.join("other").exists(), "another file was removed");
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_and_kept_a_stale_one_replaced() {
+        let scratch = Scratch::new("live");
+        let path = scratch.0.join("xdplb.sock");
+        let (first, first_guard) = bind(&path).unwrap();
+        let err = bind(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("another xdplb daemon is listening on"),
+            "unexpected error: {err}"
+        );
+        // The refused bind must not remove the running daemon's socket.
+        assert!(path.exists(), "the live socket was removed");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+
+        // A daemon killed with -9 leaves its socket file, nobody listening:
+        // stale, replaced.
+        drop(first);
+        std::mem::forget(first_guard);
+        let (_second, second_guard) = bind(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(second_guard);
+        assert!(!path.exists());
     }
 }
