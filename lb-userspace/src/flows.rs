@@ -157,19 +157,22 @@ impl FlowTable {
         self.lock_one(low)?;
         if high != low {
             if let Err(e) = self.lock_one(high) {
-                self.head(low)
-                    .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+                self.unlock_one(low);
                 return Err(e);
             }
         }
         let result = f();
         if high != low {
-            self.head(high)
-                .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+            self.unlock_one(high);
         }
-        self.head(low)
-            .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
+        self.unlock_one(low);
         Ok(result)
+    }
+
+    /// Releases the lock `lock_one` took.
+    fn unlock_one(&self, bucket: u32) {
+        self.head(bucket)
+            .fetch_and(!FLOW_BUCKET_LOCK, Ordering::Release);
     }
 
     fn lock_one(&self, bucket: u32) -> Result<(), FlowTableError> {
