@@ -250,10 +250,8 @@ impl Dataplane {
     fn sync_vip_index(&mut self) -> Result<(), DataplaneError> {
         for (key, info) in self.vip_entries()? {
             self.write_vip_entry(&key, &info)?;
-            self.index_vips
-                .entry(index_slot(&key))
-                .or_default()
-                .push((key, info.id));
+            // The loop below writes every slot that changed.
+            self.name_in_index(&key, info.id);
         }
         for slot in 0..VIP_INDEX_SLOTS {
             let want = self.index_value(slot);
@@ -262,6 +260,19 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Records that `key` has id `id` in `index_vips` (not in the map);
+    /// returns the key's index slot if that changed what it holds.
+    fn name_in_index(&mut self, key: &VipKey, id: u32) -> Option<u32> {
+        let slot = index_slot(key);
+        let named = self.index_vips.entry(slot).or_default();
+        match named.iter_mut().find(|(k, _)| k == key) {
+            Some((_, have)) if *have == id => return None,
+            Some((_, have)) => *have = id,
+            None => named.push((*key, id)),
+        }
+        Some(slot)
     }
 
     /// What `XLB_VIP_INDEX` slot `slot` must hold (see `VIP_INDEX_SHARED`).
@@ -436,14 +447,10 @@ impl Dataplane {
             .insert(key, info, 0)
             .map_err(map_err(format!("writing VIP {}", info.id)))?;
         self.write_vip_entry(key, info)?;
-        let slot = index_slot(key);
-        let named = self.index_vips.entry(slot).or_default();
-        match named.iter_mut().find(|(k, _)| k == key) {
-            Some((_, id)) if *id == info.id => return Ok(()),
-            Some((_, id)) => *id = info.id,
-            None => named.push((*key, info.id)),
+        match self.name_in_index(key, info.id) {
+            Some(slot) => self.write_index(slot),
+            None => Ok(()),
         }
-        self.write_index(slot)
     }
 
     /// Removes a VIP: the index stops naming it first, then its `XLB_VIPS`
