@@ -46,7 +46,8 @@ pub fn key_words(k: &FlowKey) -> [u64; 5] {
     ]
 }
 
-/// Whether two keys (as `key_words`) are equal: one branch, no memcmp.
+/// Whether two keys as five words (`key_words`, or the datapath's VIP key
+/// words) are equal: one branch, no memcmp.
 #[inline(always)]
 pub fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
     ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_table::{bucket_pair, buckets_for, key_words, slot_hash},
+    flow_table::{bucket_pair, buckets_for, key_words, same_key, slot_hash},
     hash::{client_hash, flow_hash},
     ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowBucket, FlowKey,
     FlowSlot, FlowValue, Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN,
@@ -319,15 +319,15 @@ impl Tracked {
     }
 }
 
-/// A VIP key as five words: compared without a memcmp call.
+/// A VIP key as five words, compared by `same_key` (no memcmp call).
 #[inline(always)]
-fn vip_words(k: &VipKey) -> [u32; 5] {
+fn vip_words(k: &VipKey) -> [u64; 5] {
     [
-        k.addr[0],
-        k.addr[1],
-        k.addr[2],
-        k.addr[3],
-        u32::from(k.port_be) | (u32::from(k.proto) << 16) | (u32::from(k.family) << 24),
+        u64::from(k.addr[0]),
+        u64::from(k.addr[1]),
+        u64::from(k.addr[2]),
+        u64::from(k.addr[3]),
+        u64::from(k.port_be) | (u64::from(k.proto) << 16) | (u64::from(k.family) << 24),
     ]
 }
 
@@ -345,9 +345,7 @@ fn vip_info(key: &VipKey, filter_slot: u32) -> Option<VipInfo> {
     }
     // 0 (no VIP) wraps to an id past the map: None.
     let entry = XLB_VIP_BY_ID.get(named.wrapping_sub(1))?;
-    let (a, b) = (vip_words(&entry.key), vip_words(key));
-    let differ = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]);
-    (differ == 0).then_some(entry.info)
+    same_key(&vip_words(&entry.key), &vip_words(key)).then_some(entry.info)
 }
 
 /// The flow table's bucket count (a read-only global the loader sets).
