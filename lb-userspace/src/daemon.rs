@@ -229,9 +229,17 @@ impl Daemon {
         self.checks
             .retain(|k, h| wanted.get(k).is_some_and(|(_, spec)| spec == h.spec()));
         for (key, (addr, spec)) in wanted {
+            // A new check starts from the backend's known health: one that
+            // is down (adopted down from a restarted daemon's datapath, or
+            // checked differently before a reload) must have its recovery
+            // reported, or it stays out of the ring while healthy.
+            let up = self
+                .state
+                .runtime(&key)
+                .is_none_or(|rt| rt.health != Health::Down);
             self.checks
                 .entry(key)
-                .or_insert_with(|| health::spawn(key, addr, spec, self.health_tx.clone()));
+                .or_insert_with(|| health::spawn(key, addr, spec, up, self.health_tx.clone()));
         }
     }
 

@@ -615,7 +615,9 @@ pub enum Transition {
 /// configuration does not take healthy backends out while the first probes
 /// run; a broken backend goes Down after `fall` consecutive failures. A Down
 /// backend comes back after `rise` consecutive successes, multiplied by the
-/// flap damping factor (see the module documentation).
+/// flap damping factor (see the module documentation). A tracker for a
+/// backend already known Down (`Tracker::starting`) starts Down, so that
+/// its recovery is reported.
 #[derive(Clone, Debug)]
 pub struct Tracker {
     rise: u32,
@@ -634,10 +636,19 @@ pub struct Tracker {
 impl Tracker {
     /// `rise` and `fall` of 0 are treated as 1.
     pub fn new(rise: u32, fall: u32) -> Self {
+        Self::starting(rise, fall, true)
+    }
+
+    /// A tracker that starts Up or Down: a check that takes over a backend
+    /// whose state is known (adopted from a restarted daemon's datapath, or
+    /// kept across a reload that changed the check) starts from that state.
+    /// Starting Down, it reports Up after `rise` consecutive successes (no
+    /// flap damping: no transition was seen).
+    pub fn starting(rise: u32, fall: u32, up: bool) -> Self {
         Self {
             rise: rise.max(1),
             fall: fall.max(1),
-            up: true,
+            up,
             streak: 0,
             multiplier: 1,
             last_down: None,
@@ -748,7 +759,8 @@ impl Drop for CheckHandle {
 
 /// Spawns a task probing `target` (the backend's address, at `spec.port`)
 /// every `spec.interval`, and sends a [`HealthEvent`] on every transition,
-/// only then. The task also ends when `tx`'s receiver is gone.
+/// only then, starting from `up` (see [`Tracker::starting`]). The task
+/// also ends when `tx`'s receiver is gone.
 ///
 /// # Panics
 ///
@@ -757,21 +769,27 @@ pub fn spawn<K>(
     key: K,
     target: IpAddr,
     spec: CheckSpec,
+    up: bool,
     tx: UnboundedSender<HealthEvent<K>>,
 ) -> CheckHandle
 where
     K: Clone + Send + Sync + 'static + fmt::Debug,
 {
     let target = SocketAddr::new(target, spec.port);
-    let task = tokio::spawn(run(key, target, spec.clone(), tx));
+    let task = tokio::spawn(run(key, target, spec.clone(), up, tx));
     CheckHandle { spec, target, task }
 }
 
-async fn run<K>(key: K, target: SocketAddr, spec: CheckSpec, tx: UnboundedSender<HealthEvent<K>>)
-where
+async fn run<K>(
+    key: K,
+    target: SocketAddr,
+    spec: CheckSpec,
+    up: bool,
+    tx: UnboundedSender<HealthEvent<K>>,
+) where
     K: Clone + fmt::Debug,
 {
-    let mut tracker = Tracker::new(spec.rise, spec.fall);
+    let mut tracker = Tracker::starting(spec.rise, spec.fall, up);
     // `interval` panics on a zero period; a resolved spec is at least 100 ms.
     let mut ticks = time::interval(spec.interval.max(Duration::from_millis(1)));
     // After a stall (suspended host, busy runtime) probe once and keep the
@@ -1566,7 +1584,7 @@ mod tests {
         };
         let slack = Duration::from_millis(150);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let handle = spawn("web-1", addr.ip(), spec.clone(), tx);
+        let handle = spawn("web-1", addr.ip(), spec.clone(), true, tx);
         assert_eq!(handle.spec(), &spec);
         assert_eq!(handle.target(), addr);
 
@@ -1601,6 +1619,60 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tracker_starting_down_reports_up_after_rise_successes() {
+        let now = Instant::now();
+        let mut tracker = Tracker::starting(3, 2, false);
+        assert!(!tracker.is_up());
+        assert_eq!(feed(&mut tracker, &[true, true], now), [None, None]);
+        // A failure restarts the count.
+        assert_eq!(tracker.record(false, now), None);
+        assert_eq!(
+            feed(&mut tracker, &[true, true, true], now),
+            [None, None, Some(Transition::Up)]
+        );
+        // No transition was seen before: no flap damping.
+        assert_eq!(tracker.rise_multiplier(), 1);
+        assert_eq!(
+            feed(&mut tracker, &[false, false], now),
+            [None, Some(Transition::Down)]
+        );
+    }
+
+    /// A check taking over a backend known to be down (a restarted daemon
+    /// adopting the datapath, a reload that changed the check) reports the
+    /// recovery of a backend that is healthy by now; a check that started
+    /// Up would never report it.
+    #[tokio::test]
+    async fn spawned_check_starting_down_reports_a_healthy_backend_up() {
+        let listener = TcpListener::bind(localhost(0)).await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let spec = CheckSpec {
+            kind: CheckKind::Tcp,
+            port: addr.port(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+            rise: 2,
+            fall: 3,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _handle = spawn("web-1", addr.ip(), spec.clone(), false, tx);
+        let up = next_event(
+            &mut rx,
+            spec.interval * spec.rise + Duration::from_millis(150),
+        )
+        .await;
+        assert_eq!(
+            up,
+            HealthEvent {
+                key: "web-1",
+                up: true,
+                reason: "2 consecutive checks passed".into(),
+            }
+        );
+        drop(listener);
+    }
+
     #[tokio::test]
     async fn dropping_the_handle_stops_the_check() {
         let target = closed_port().await;
@@ -1608,7 +1680,7 @@ mod tests {
         spec.interval = Duration::from_millis(100);
         spec.timeout = Duration::from_millis(50);
         let (tx, mut rx) = mpsc::unbounded_channel::<HealthEvent<u32>>();
-        let handle = spawn(7, target.ip(), spec, tx);
+        let handle = spawn(7, target.ip(), spec, true, tx);
         drop(handle);
         // The task, and with it the only sender, is gone before any event.
         assert_eq!(
