@@ -3,7 +3,7 @@
 //! and waits for the answer.
 
 use std::{
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -169,7 +169,8 @@ pub fn router(tx: Tx) -> Router {
 
 /// Binds the control socket: its directory is created mode 0700, the socket
 /// mode 0600, both owned by the daemon's user (root). A stale socket file
-/// (nobody listening) is replaced; a live one means another daemon runs.
+/// (nobody listening) is replaced; a live one means another daemon runs;
+/// anything else at the path (a file, a directory) is an error, left alone.
 /// The returned guard removes the socket file when dropped, and the
 /// directory too if this call created it and it is empty by then.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard)> {
@@ -187,7 +188,15 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard)> {
         path: None,
         created_dir,
     };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket is ever replaced: a mistyped --socket naming a
+        // regular file (a configuration, say) must not delete it.
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it (choose another --socket)",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "another xdplb daemon is listening on {}; stop it or use --socket",
@@ -319,5 +328,26 @@ mod tests {
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         drop(second_guard);
         assert!(!path.exists());
+    }
+
+    /// A mistyped --socket naming a file or a directory: refused, and what
+    /// is there stays as it was.
+    #[tokio::test]
+    async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
+        let scratch = Scratch::new("notsock");
+        let file = scratch.0.join("xdplb.yaml");
+        std::fs::write(&file, "interface: eth0\n").unwrap();
+        let err = bind(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("xdplb.yaml exists and is not a socket; refusing to replace it"),
+            "unexpected error: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "interface: eth0\n");
+
+        let dir = scratch.0.join("sub");
+        std::fs::create_dir(&dir).unwrap();
+        let err = bind(&dir).unwrap_err().to_string();
+        assert!(err.contains("is not a socket"), "unexpected error: {err}");
+        assert!(dir.is_dir());
     }
 }
