@@ -161,6 +161,13 @@ async fn run(
     // Removes the socket (and its directory, if bind made it) on every way
     // out of this function.
     let (listener, socket_guard) = server::bind(&socket)?;
+    // And the metrics address (in use, malformed): before anything is
+    // loaded or attached.
+    let metrics_listener = if metrics_addr == "off" {
+        None
+    } else {
+        Some(metrics::bind(&metrics_addr).await?)
+    };
 
     // Ctrl-C through ctrlc; SIGTERM and SIGHUP through tokio. All end up as
     // events for the loop below, the only owner of the state.
@@ -197,10 +204,7 @@ async fn run(
         }
     });
     let server = tokio::spawn(server::serve(listener, tx.clone(), socket.clone()));
-    let metrics_task = if metrics_addr == "off" {
-        None
-    } else {
-        let listener = metrics::bind(&metrics_addr).await?;
+    let metrics_task = if let Some(listener) = metrics_listener {
         tracing::info!("metrics on http://{metrics_addr}/metrics");
         let tx = tx.clone();
         Some(tokio::spawn(metrics::serve(listener, move || {
@@ -213,6 +217,8 @@ async fn run(
                 .map_err(|f| f.message)?;
             serde_json::from_value(value).map_err(|e| e.to_string())
         })))
+    } else {
+        None
     };
     tracing::info!("control API on {}", socket.display());
 
