@@ -7,7 +7,9 @@
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
 
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_RING_SIZE};
+use lb_common::{
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::health::{self, CheckSpec, RawHealthCheck};
@@ -464,6 +466,7 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
     }
 
     let mut seen_vips = HashSet::new();
+    let mut total_backends = 0usize;
     let mut vips = Vec::with_capacity(raw.vips.len());
     for (i, v) in raw.vips.iter().enumerate() {
         let at = format!("vips[{i}]");
@@ -515,6 +518,15 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
                 format!(
                     "{} backends, at most {MAX_BACKENDS_PER_VIP} per VIP",
                     v.backends.len()
+                ),
+            ));
+        }
+        total_backends += v.backends.len();
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(invalid(
+                format!("{at}.backends"),
+                format!(
+                    "{total_backends} backends in the VIPs up to this one, at most {MAX_BACKENDS} in all"
                 ),
             ));
         }
@@ -645,6 +657,28 @@ vips:
             Some(MacAddr([2, 0, 0, 0, 0, 0x12]))
         );
         assert_eq!(c.vips[1].label(), "[fd00:200::100]:53/udp");
+    }
+
+    /// 5 VIPs of 1000 backends: each within the per-VIP limit, 5000 in
+    /// all; the fifth VIP is the one past the table's 4096 slots.
+    #[test]
+    fn backends_in_all_are_limited_to_the_table() {
+        let mut text = String::from("interface: eth0\ndatapath: { max_vips: 8 }\nvips:\n");
+        for v in 0..5 {
+            text.push_str(&format!(
+                "  - {{ address: 10.200.100.{}, port: 80, protocol: tcp, backends: [",
+                v + 1
+            ));
+            let backends: Vec<String> = (0..1000)
+                .map(|b| format!("{{ address: 10.201.{}.{} }}", b / 250, b % 250 + 1))
+                .collect();
+            text.push_str(&backends.join(", "));
+            text.push_str("] }\n");
+        }
+        assert_eq!(
+            err(&text),
+            "test.yaml: vips[4].backends: 5000 backends in the VIPs up to this one, at most 4096 in all"
+        );
     }
 
     #[test]

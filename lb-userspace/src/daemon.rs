@@ -612,8 +612,8 @@ impl Daemon {
 
     /// Periodic work: flow-table sweep. Returns how long to wait before the
     /// next one: every 2 s, or ten times the sweep's own duration when the
-    /// table is large (reading it costs two syscalls an entry), so the sweep
-    /// never takes more than a tenth of a core.
+    /// table is large (it reads every slot of the memory-mapped table), so
+    /// the sweep never takes more than a tenth of a core.
     pub fn sweep(&mut self) -> Duration {
         let started = Instant::now();
         match self.state.sweep(&mut self.dp, crate::state::monotonic_ns()) {

@@ -75,6 +75,7 @@ enum Command {
     },
     /// Validate a configuration file and exit (needs no privileges).
     Check {
+        /// The YAML configuration to validate (see README: Configuration).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
