@@ -1570,18 +1570,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn spawned_check_reports_down_once_then_up() {
-        let listener = TcpListener::bind(localhost(0)).await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let spec = CheckSpec {
-            kind: CheckKind::Tcp,
-            port: addr.port(),
+    /// A TCP check fast enough for a test: every 100 ms, rise 2, fall 3.
+    fn quick_tcp_spec(port: u16) -> CheckSpec {
+        CheckSpec {
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(50),
             rise: 2,
             fall: 3,
-        };
+            ..tcp_spec(port)
+        }
+    }
+
+    /// The event of `key` coming back after `quick_tcp_spec`'s rise.
+    fn came_up(key: &str) -> HealthEvent<&str> {
+        HealthEvent {
+            key,
+            up: true,
+            reason: "2 consecutive checks passed".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn spawned_check_reports_down_once_then_up() {
+        let listener = TcpListener::bind(localhost(0)).await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let spec = quick_tcp_spec(addr.port());
         let slack = Duration::from_millis(150);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let handle = spawn("web-1", addr.ip(), spec.clone(), true, tx);
@@ -1609,14 +1622,7 @@ mod tests {
 
         let _listener = TcpListener::bind(addr).await.expect("rebind the same port");
         let up = next_event(&mut rx, spec.interval * spec.rise + slack).await;
-        assert_eq!(
-            up,
-            HealthEvent {
-                key: "web-1",
-                up: true,
-                reason: "2 consecutive checks passed".into(),
-            }
-        );
+        assert_eq!(up, came_up("web-1"));
     }
 
     #[test]
@@ -1647,14 +1653,7 @@ mod tests {
     async fn spawned_check_starting_down_reports_a_healthy_backend_up() {
         let listener = TcpListener::bind(localhost(0)).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let spec = CheckSpec {
-            kind: CheckKind::Tcp,
-            port: addr.port(),
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(50),
-            rise: 2,
-            fall: 3,
-        };
+        let spec = quick_tcp_spec(addr.port());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _handle = spawn("web-1", addr.ip(), spec.clone(), false, tx);
         let up = next_event(
@@ -1662,14 +1661,7 @@ mod tests {
             spec.interval * spec.rise + Duration::from_millis(150),
         )
         .await;
-        assert_eq!(
-            up,
-            HealthEvent {
-                key: "web-1",
-                up: true,
-                reason: "2 consecutive checks passed".into(),
-            }
-        );
+        assert_eq!(up, came_up("web-1"));
         drop(listener);
     }
 
