@@ -150,31 +150,49 @@ impl Daemon {
         let mut dp = Dataplane::load(cfg.datapath, opts.pin_dir.as_deref()).context(
             "loading the XDP program (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BPF)",
         )?;
-        match Self::program(opts, &mut dp, cfg, health_tx) {
-            Ok(build) => Ok(build(dp)),
+        let (state, resolver, attached, mode) = match Self::program(&opts, &mut dp, &cfg) {
+            Ok(programmed) => programmed,
             // A datapath this start loaded goes with it (pins and links):
             // nothing attached is left without a daemon. An adopted one keeps
             // serving as its predecessor left it.
             Err(e) if dp.adopted() => {
-                Err(e.context("the adopted datapath is left as it was (attached, pinned, serving)"))
+                return Err(
+                    e.context("the adopted datapath is left as it was (attached, pinned, serving)")
+                )
             }
             Err(e) => {
                 if let Err(u) = dp.unpin() {
                     tracing::error!("removing the pins of the failed start: {u}");
                 }
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        let mut d = Daemon {
+            opts,
+            dp,
+            state,
+            resolver,
+            running: cfg,
+            runtime_changes: Vec::new(),
+            checks: HashMap::new(),
+            health_tx,
+            attached,
+            mode,
+            started: Instant::now(),
+            flows: None,
+        };
+        d.sync_checks();
+        Ok(d)
     }
 
     /// The part of `start` after the load: programs the tables and
-    /// attaches; returns how to make the daemon from the datapath.
+    /// attaches. Returns the state, the resolver, the attached interfaces
+    /// and the attach mode.
     fn program(
-        opts: Options,
+        opts: &Options,
         dp: &mut Dataplane,
-        cfg: Config,
-        health_tx: mpsc::UnboundedSender<HealthEvent<BackendKey>>,
-    ) -> Result<impl FnOnce(Dataplane) -> Daemon> {
+        cfg: &Config,
+    ) -> Result<(State, SystemResolver, Vec<String>, String)> {
         let mut state = State::default();
         if dp.adopted() {
             state.adopt(dp).context("adopting the pinned datapath")?;
@@ -187,7 +205,7 @@ impl Daemon {
         state.set_clock_floor(now);
         // Program the tables before attaching, so the first packet finds them.
         let summary = state
-            .apply(dp, &cfg, &mut resolver)
+            .apply(dp, cfg, &mut resolver)
             .context("programming the initial configuration")?;
         let mode = opts.xdp_mode.or(cfg.xdp_mode);
         let mut attached = vec![cfg.interface.clone()];
@@ -222,24 +240,7 @@ impl Daemon {
                 String::new()
             }
         );
-        Ok(move |dp| {
-            let mut d = Daemon {
-                opts,
-                dp,
-                state,
-                resolver,
-                running: cfg,
-                runtime_changes: Vec::new(),
-                checks: HashMap::new(),
-                health_tx,
-                attached,
-                mode,
-                started: Instant::now(),
-                flows: None,
-            };
-            d.sync_checks();
-            d
-        })
+        Ok((state, resolver, attached, mode))
     }
 
     /// Starts, keeps or stops health-check tasks to match the running
