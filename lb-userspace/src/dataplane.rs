@@ -305,20 +305,17 @@ impl Dataplane {
             };
             return self.vip_by_id.set(id, entry, 0).map_err(err());
         }
-        let words = |i: &VipInfo| [i.id, i.flags, i.active_ring, i._pad];
-        let want = words(info);
-        for n in 0..want.len() {
-            let mut have = words(&entry.info);
-            if have[n] != want[n] {
-                have[n] = want[n];
-                let [id, flags, active_ring, _pad] = have;
-                entry.info = VipInfo {
-                    id,
-                    flags,
-                    active_ring,
-                    _pad,
-                };
-                self.vip_by_id.set(info.id, entry, 0).map_err(err())?;
+        let fields: [fn(&mut VipInfo) -> &mut u32; 4] = [
+            |i| &mut i.id,
+            |i| &mut i.flags,
+            |i| &mut i.active_ring,
+            |i| &mut i._pad,
+        ];
+        let mut want = *info;
+        for field in fields {
+            if *field(&mut entry.info) != *field(&mut want) {
+                *field(&mut entry.info) = *field(&mut want);
+                self.vip_by_id.set(id, entry, 0).map_err(err())?;
             }
         }
         Ok(())
