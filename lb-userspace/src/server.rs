@@ -243,8 +243,6 @@ pub async fn serve(listener: UnixListener, tx: Tx, path: PathBuf) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-
     use super::*;
 
     /// A fresh directory under the system temp dir, removed at the end.
