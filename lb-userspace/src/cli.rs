@@ -87,8 +87,10 @@ pub enum VipCommand {
         /// The VIP's protocol.
         #[arg(value_name = "PROTOCOL", value_enum)]
         protocol: ProtocolArg,
-        /// A name for the VIP, shown in listings and metrics.
-        #[arg(long, value_name = "N")]
+        /// A name for the VIP, shown in listings and metrics and accepted in
+        /// place of `address:port/protocol`: 1-64 letters, digits, `-`, `_`
+        /// or `.`, not an IP address, unique among the VIPs.
+        #[arg(long, value_name = "N", value_parser = parse_vip_name)]
         name: Option<String>,
         /// How new connections are spread. Default: none.
         #[arg(long, value_enum)]
@@ -625,12 +627,7 @@ pub fn parse_vip(s: &str) -> Result<String, String> {
     const FORMAT: &str = "expected address:port/protocol, e.g. 203.0.113.10:443/tcp or \
          [2001:db8::10]:443/tcp, or the VIP's name from the configuration";
     // A name (`name:` in the configuration): the daemon resolves it.
-    let is_name = !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && s.parse::<IpAddr>().is_err();
-    if is_name {
+    if crate::config::is_vip_name(s) {
         return Ok(s.to_owned());
     }
     let (addr_port, protocol) = s.rsplit_once('/').ok_or(FORMAT)?;
@@ -640,6 +637,18 @@ pub fn parse_vip(s: &str) -> Result<String, String> {
     }
     let addr: SocketAddr = addr_port.parse().map_err(|_| FORMAT)?;
     Ok(format_vip(addr.ip(), addr.port(), &protocol))
+}
+
+/// Checks `vip add --name` before anything is sent.
+fn parse_vip_name(s: &str) -> Result<String, String> {
+    if crate::config::is_vip_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a VIP name (1-{} letters, digits, '-', '_' or '.', and not an IP address)",
+            crate::config::MAX_VIP_NAME
+        ))
+    }
 }
 
 /// A VIP as the API writes it: `address:port/protocol`, IPv6 in brackets.
@@ -1162,6 +1171,10 @@ mod tests {
             })
         );
         assert_eq!(cli.opts.output, Output::Table);
+        let bad = parse(&["vip", "add", "10.0.0.1", "80", "tcp", "--name", "web front"])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("\"web front\" is not a VIP name"), "{bad}");
         if std::env::var_os("XDPLB_SOCKET").is_none() {
             assert_eq!(cli.opts.socket, Path::new(crate::api::DEFAULT_SOCKET));
         }

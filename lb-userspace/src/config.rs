@@ -5,7 +5,14 @@
 //! and cross-field rules, naming the field path and the offending value, and
 //! produces a `Config` whose addresses and options are typed.
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
 
 use lb_common::{
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE,
@@ -388,6 +395,22 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     (field.into(), message.into())
 }
 
+/// Longest VIP `name`.
+pub const MAX_VIP_NAME: usize = 64;
+
+/// Whether `name` can name a VIP: 1 to `MAX_VIP_NAME` ASCII letters,
+/// digits, `-`, `_` and `.`, and not an IP address. The CLI tells a name
+/// from `address:port/protocol` by the same rule, so every name it accepts
+/// reaches the daemon as a name.
+pub fn is_vip_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_VIP_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.parse::<IpAddr>().is_err()
+}
+
 fn check_interface(field: &str, name: &str) -> Result<(), FieldError> {
     // IFNAMSIZ is 16 including the NUL.
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
@@ -466,6 +489,7 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
     }
 
     let mut seen_vips = HashSet::new();
+    let mut seen_names = HashMap::new();
     let mut total_backends = 0usize;
     let mut vips = Vec::with_capacity(raw.vips.len());
     for (i, v) in raw.vips.iter().enumerate() {
@@ -476,6 +500,22 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
                 format!("{at}.address"),
                 format!("{:?} cannot be a VIP (unspecified or multicast)", v.address),
             ));
+        }
+        if let Some(name) = &v.name {
+            if !is_vip_name(name) {
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!(
+                        "{name:?} is not a VIP name (1-{MAX_VIP_NAME} letters, digits, '-', '_' or '.', and not an IP address)"
+                    ),
+                ));
+            }
+            if let Some(first) = seen_names.insert(name.as_str(), i) {
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!("{name:?} already names vips[{first}]: the CLI finds a VIP by its name, so names are unique"),
+                ));
+            }
         }
         if v.port == 0 {
             return Err(invalid(
@@ -679,6 +719,52 @@ vips:
             err(&text),
             "test.yaml: vips[4].backends: 5000 backends in the VIPs up to this one, at most 4096 in all"
         );
+    }
+
+    /// A name the CLI could not ask for (spaces, an address), or one that
+    /// two VIPs share, is refused where it is written.
+    #[test]
+    fn vip_names_are_names_the_cli_accepts_and_unique() {
+        let named = |first: &str, second: &str| {
+            GOOD.replacen(
+                "  - address:",
+                &format!("  - name: {first}\n    address:"),
+                1,
+            )
+            .replacen(
+                "  - address: fd00",
+                &format!("  - name: {second}\n    address: fd00"),
+                1,
+            )
+        };
+        let c = Config::parse(&named("web-v4", "dns_6.a"), "test.yaml").unwrap();
+        assert_eq!(c.vips[0].name.as_deref(), Some("web-v4"));
+        assert_eq!(c.vips[1].name.as_deref(), Some("dns_6.a"));
+        for (bad, shown) in [
+            ("'web front'", "\"web front\""),
+            ("'10.0.0.1'", "\"10.0.0.1\""),
+            ("'::1'", "\"::1\""),
+            ("''", "\"\""),
+        ] {
+            assert_eq!(
+                err(&named(bad, "dns")),
+                format!(
+                    "test.yaml: vips[0].name: {shown} is not a VIP name (1-64 letters, digits, \
+                     '-', '_' or '.', and not an IP address)"
+                )
+            );
+        }
+        assert!(err(&named(&"a".repeat(65), "dns")).contains("vips[0].name"));
+        assert_eq!(
+            err(&named("web", "web")),
+            "test.yaml: vips[1].name: \"web\" already names vips[0]: the CLI finds a VIP by \
+             its name, so names are unique"
+        );
+        // Every name the configuration takes, the CLI passes on as a name.
+        for name in ["web-v4", "dns_6.a", &"a".repeat(64)] {
+            assert!(is_vip_name(name));
+            assert_eq!(crate::cli::parse_vip(name).as_deref(), Ok(name));
+        }
     }
 
     #[test]
