@@ -201,6 +201,16 @@ pub enum XdpMode {
     Generic,
 }
 
+impl fmt::Display for XdpMode {
+    /// As the configuration writes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MacAddr(pub [u8; 6]);
 
@@ -284,6 +294,20 @@ pub struct Vip {
     pub backends: Vec<BackendSpec>,
 }
 
+impl Config {
+    /// Interfaces other than `interface` that backends sit behind (each
+    /// once, in order of first use): XDP_REDIRECT sends only to interfaces
+    /// with an XDP program, so the program is attached to these too.
+    pub fn egress_interfaces(&self) -> impl Iterator<Item = &str> {
+        let mut seen = HashSet::new();
+        self.vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .filter_map(|b| b.interface.as_deref())
+            .filter(move |name| *name != self.interface && seen.insert(*name))
+    }
+}
+
 impl Vip {
     /// `address:port/protocol`, the VIP's identity in logs and errors.
     pub fn label(&self) -> String {
@@ -340,13 +364,7 @@ impl Config {
     pub fn to_raw(&self) -> RawConfig {
         RawConfig {
             interface: self.interface.clone(),
-            xdp_mode: self.xdp_mode.map(|m| {
-                match m {
-                    XdpMode::Native => "native",
-                    XdpMode::Generic => "generic",
-                }
-                .to_string()
-            }),
+            xdp_mode: self.xdp_mode.map(|m| m.to_string()),
             datapath: RawDatapath {
                 ring_size: self.datapath.ring_size,
                 flow_table_size: self.datapath.flow_table_size,
@@ -765,6 +783,23 @@ vips:
             assert!(is_vip_name(name));
             assert_eq!(crate::cli::parse_vip(name).as_deref(), Ok(name));
         }
+    }
+
+    #[test]
+    fn egress_interfaces_are_the_other_backend_interfaces_once() {
+        let text = GOOD
+            .replacen("weight: 2", "weight: 2\n        interface: eth1", 1)
+            .replacen(
+                "mac: 02:00:00:00:00:12",
+                "mac: 02:00:00:00:00:12\n        interface: eth0",
+                1,
+            )
+            .replace(
+                "    protocol: udp\n",
+                "    protocol: udp\n    backends:\n      - { address: 'fd00:200::11', interface: eth2 }\n      - { address: 'fd00:200::12', interface: eth1 }\n",
+            );
+        let c = Config::parse(&text, "test.yaml").unwrap();
+        assert_eq!(c.egress_interfaces().collect::<Vec<_>>(), ["eth1", "eth2"]);
     }
 
     #[test]

@@ -102,6 +102,14 @@ pub struct Options {
     pub neighbour_timeout: Duration,
 }
 
+/// How the program is attached to the VIP interface.
+struct Mode {
+    /// `None` if a pinned link was taken over and `ip link` did not say.
+    xdp: Option<XdpMode>,
+    /// As `status` shows it: `native`, `generic, adopted`, ...
+    shown: String,
+}
+
 pub struct Daemon {
     opts: Options,
     dp: Dataplane,
@@ -112,11 +120,39 @@ pub struct Daemon {
     runtime_changes: Vec<String>,
     checks: HashMap<BackendKey, CheckHandle>,
     health_tx: mpsc::UnboundedSender<HealthEvent<BackendKey>>,
+    /// Interfaces the program is attached to, the VIP interface first.
     attached: Vec<String>,
-    mode: String,
+    mode: Mode,
     started: Instant,
     /// Flow-table entries seen by the last sweep.
     flows: Option<u64>,
+}
+
+/// The mode `interface` is attached in (`how`, as `Dataplane::attach`
+/// returned it). A pinned link taken over keeps the mode it was attached
+/// in: read back from `ip link`, with a warning if it is not the one
+/// `requested`.
+fn attached_mode(interface: &str, how: Attached, requested: Option<XdpMode>) -> Option<XdpMode> {
+    let actual = match how {
+        Attached::Native => return Some(XdpMode::Native),
+        Attached::Generic => return Some(XdpMode::Generic),
+        Attached::Replaced => crate::netdev::xdp_mode(interface),
+    };
+    match (actual, requested) {
+        (Ok(Some(have)), Some(want)) if have != want => {
+            tracing::warn!(
+                "xdp_mode {want} is not applied to {interface}: the pinned link taken over \
+                 keeps its {have} mode; to change it, stop the daemon, remove its pins (the \
+                 flow table starts empty) and start it"
+            );
+            Some(have)
+        }
+        (Ok(mode), _) => mode,
+        (Err(e), _) => {
+            tracing::warn!("reading the XDP mode of {interface}: {e}");
+            None
+        }
+    }
 }
 
 /// Parses `address:port/protocol` (IPv6 in brackets) into a VIP key.
@@ -187,12 +223,12 @@ impl Daemon {
 
     /// The part of `start` after the load: programs the tables and
     /// attaches. Returns the state, the resolver, the attached interfaces
-    /// and the attach mode.
+    /// and the VIP interface's mode (as known, and as `status` shows it).
     fn program(
         opts: &Options,
         dp: &mut Dataplane,
         cfg: &Config,
-    ) -> Result<(State, SystemResolver, Vec<String>, String)> {
+    ) -> Result<(State, SystemResolver, Vec<String>, Mode)> {
         let mut state = State::default();
         if dp.adopted() {
             state.adopt(dp).context("adopting the pinned datapath")?;
@@ -210,23 +246,22 @@ impl Daemon {
         let mode = opts.xdp_mode.or(cfg.xdp_mode);
         let mut attached = vec![cfg.interface.clone()];
         let how = dp.attach(&cfg.interface, mode)?;
-        for name in state
-            .egress_interfaces()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-        {
-            dp.attach(&name, mode)?;
-            attached.push(name);
+        let actual = attached_mode(&cfg.interface, how, mode);
+        for name in cfg.egress_interfaces() {
+            let egress = dp.attach(name, mode)?;
+            attached_mode(name, egress, mode);
+            attached.push(name.to_owned());
         }
-        let mode = match how {
-            Attached::Native => "native",
-            Attached::Generic => "generic",
-            Attached::Replaced => "adopted",
-        }
-        .to_string();
+        let shown = match (actual, how) {
+            (Some(m), Attached::Replaced) => format!("{m}, adopted"),
+            (None, _) => "adopted".to_string(),
+            (Some(m), _) => m.to_string(),
+        };
+        let mode = Mode { xdp: actual, shown };
         tracing::info!(
-            "ready: attached to {} ({mode} mode), {} VIPs, {} backends, ring size {}{}",
+            "ready: attached to {} ({} mode), {} VIPs, {} backends, ring size {}{}",
             attached.join(", "),
+            mode.shown,
             cfg.vips.len(),
             cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
             cfg.datapath.ring_size,
@@ -271,25 +306,44 @@ impl Daemon {
         }
     }
 
-    /// Applies `cfg` as the running configuration.
+    /// Applies `cfg` as the running configuration; on an error nothing it
+    /// would change has changed (an interface it attached to stays
+    /// attached, unused, until the daemon exits).
     fn apply(&mut self, cfg: Config) -> Result<crate::state::ApplySummary, Failure> {
+        let requested = self.opts.xdp_mode.or(cfg.xdp_mode);
+        if let (Some(want), Some(have)) = (requested, self.mode.xdp) {
+            if cfg.xdp_mode != self.running.xdp_mode && want != have {
+                return Err(Failure::bad(format!(
+                    "xdp_mode: {want} needs the program attached anew ({} is attached in {have} \
+                     mode, and a restart that adopts the pinned link keeps that): stop the \
+                     daemon, remove its pins{} (the flow table starts empty), and start it",
+                    self.running.interface,
+                    self.opts
+                        .pin_dir
+                        .as_ref()
+                        .map_or(String::new(), |d| format!(" in {}", d.display()))
+                )));
+            }
+        }
+        // New egress interfaces first: a refused attach leaves every table
+        // as it was, so the error can say nothing changed.
+        for name in cfg.egress_interfaces() {
+            if self.attached.iter().any(|a| a == name) {
+                continue;
+            }
+            // The friendlier error first, for a name that is not there.
+            crate::netdev::interface(name).map_err(|e| Failure::bad(e.to_string()))?;
+            let how = self
+                .dp
+                .attach(name, requested)
+                .map_err(|e| Failure::bad(format!("{:#}", anyhow::Error::from(e))))?;
+            attached_mode(name, how, requested);
+            self.attached.push(name.to_owned());
+        }
         let summary = self
             .state
             .apply(&mut self.dp, &cfg, &mut self.resolver)
             .map_err(|e| Failure::bad(format!("{:#}", anyhow::Error::from(e))))?;
-        for name in self
-            .state
-            .egress_interfaces()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-        {
-            if !self.attached.contains(&name) {
-                self.dp
-                    .attach(&name, self.opts.xdp_mode.or(cfg.xdp_mode))
-                    .map_err(|e| Failure::internal(format!("{:#}", anyhow::Error::from(e))))?;
-                self.attached.push(name);
-            }
-        }
         self.running = cfg;
         self.sync_checks();
         Ok(summary)
@@ -427,7 +481,7 @@ impl Daemon {
                     uptime_seconds: self.started.elapsed().as_secs(),
                     config_path: self.opts.config_path.display().to_string(),
                     interfaces: self.attached.clone(),
-                    xdp_mode: self.mode.clone(),
+                    xdp_mode: self.mode.shown.clone(),
                     adopted: self.dp.adopted(),
                     runtime_changes: self.runtime_changes.clone(),
                     vips: self.running.vips.len(),

@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::MacAddr;
+use crate::config::{MacAddr, XdpMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -96,6 +96,24 @@ pub fn interface(name: &str) -> Result<Interface, NetError> {
         name: name.to_string(),
         ifindex: link.ifindex,
         mac,
+    })
+}
+
+/// The mode of the XDP program attached to `name`: `None` if there is
+/// none, or it is offloaded, or several are (modes other than driver and
+/// generic, which xdplb never attaches in).
+pub fn xdp_mode(name: &str) -> Result<Option<XdpMode>, NetError> {
+    let links = ip_json(&["link", "show", "dev", name])?;
+    // iproute2 prints the kernel's IFLA_XDP_ATTACHED: 1 driver, 2 generic.
+    let mode = links
+        .first()
+        .and_then(|l| l.get("xdp"))
+        .and_then(|x| x.get("mode"))
+        .and_then(serde_json::Value::as_u64);
+    Ok(match mode {
+        Some(1) => Some(XdpMode::Native),
+        Some(2) => Some(XdpMode::Generic),
+        _ => None,
     })
 }
 

@@ -229,13 +229,6 @@ impl State {
         self.ring.clone()
     }
 
-    /// Interfaces other than the VIP interface that backends sit behind; the
-    /// program must be attached there too (veth delivers XDP_REDIRECT only
-    /// to interfaces with an XDP program).
-    pub fn egress_interfaces(&self) -> impl Iterator<Item = &str> {
-        self.egress.keys().map(String::as_str)
-    }
-
     /// Rebuilds the id allocation from maps a previous daemon pinned, so the
     /// next `apply` keeps every VIP id, backend id, generation and drain.
     pub fn adopt(&mut self, dp: &Dataplane) -> Result<(), DataplaneError> {

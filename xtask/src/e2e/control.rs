@@ -660,6 +660,9 @@ fn expect_refusal(out: &CtlOutput, what: &str, needles: &[&str]) -> Result<Strin
     expect_refusal_with(out, 1, what, needles)
 }
 
+/// A bridge made (and removed) in the LB namespace by `bad_input_rejected`.
+const NO_NATIVE_IF: &str = "xlb-nonative";
+
 pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
     let spec = checked_vip(&[1, 2, 3]);
     let (path, daemon) = start(ctx, "bad-input", &spec)?;
@@ -676,7 +679,30 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
     let good_yaml = super::config_yaml(std::slice::from_ref(&spec));
     let typo = good_yaml.replacen("weight:", "wieght:", 1);
     ensure!(typo != good_yaml, "no `weight:` in the generated config");
-    let cases: [(&str, String, &[&str]); 4] = [
+    let interface_line = format!("interface: {}\n", topology::LB_IF);
+    ensure!(
+        good_yaml.contains(&interface_line),
+        "no `{}` in the generated config",
+        interface_line.trim()
+    );
+    let with_mode = |mode: &str| {
+        good_yaml.replacen(
+            &interface_line,
+            &format!("{interface_line}xdp_mode: {mode}\n"),
+            1,
+        )
+    };
+    // A backend behind an interface where native XDP is refused (a bridge
+    // has no driver hook): the attach fails after the file validated, and
+    // must fail before any table is touched.
+    let no_native = format!(
+        "{}      - address: \"10.200.0.99\"\n        mac: 02:00:00:00:00:99\n        interface: {NO_NATIVE_IF}\n",
+        with_mode("native")
+    );
+    // The daemon attached natively (veth has the hook); another mode needs
+    // a new attachment, which a reload does not make.
+    let generic = with_mode("generic");
+    let cases: [(&str, String, &[&str]); 6] = [
         (
             "backend address 10.200.0.x",
             super::config_yaml(&[bad_address]),
@@ -693,7 +719,25 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
             super::config_yaml(&[heavy]),
             &["backends[0].weight", "5000"],
         ),
+        (
+            "a backend behind an interface refusing native XDP",
+            no_native,
+            &[&format!("attaching XDP to {NO_NATIVE_IF}")],
+        ),
+        (
+            "xdp_mode generic",
+            generic,
+            &["xdp_mode: generic needs the program attached anew"],
+        ),
     ];
+    let bridge = |verb: &str| -> Result<String> {
+        let mut argv = vec!["ip", "link", verb, NO_NATIVE_IF];
+        if verb == "add" {
+            argv.extend(["type", "bridge"]);
+        }
+        util::run(&mut topology::exec_in(topology::LB_NS, &argv))
+    };
+    bridge("add")?;
 
     let check_unchanged = |what: &str| -> Result<()> {
         let now = shape(&ctx.ctl.backends(&vip)?);
@@ -733,6 +777,7 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
         note(check_unchanged(&format!("the rejected reload ({what})")).map(|()| String::new()));
     }
     write_config(&path, std::slice::from_ref(&spec))?;
+    bridge("del")?;
 
     let out = ctx.ctl.run(&["backend", "add", &vip, "10.200.0.x"])?;
     note(
