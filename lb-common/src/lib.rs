@@ -148,6 +148,14 @@ pub struct VipKey {
     pub family: u8,
 }
 
+impl VipKey {
+    /// The VIP's bit in `XLB_VIP_FILTER` (`vip_filter_slot`).
+    #[inline(always)]
+    pub const fn filter_slot(&self) -> u32 {
+        vip_filter_slot(&self.addr, self.port_be, self.proto)
+    }
+}
+
 /// `VipInfo::flags`: hash new flows on the client address only.
 pub const VIP_F_AFFINITY_CLIENT_IP: u32 = 1;
 

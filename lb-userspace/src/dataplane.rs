@@ -22,7 +22,7 @@ use lb_common::{
     Counters, FlowBucket, FlowKey, FlowValue, Reason, RingChunk, VipInfo, VipKey, MAX_BACKENDS,
     MAX_TX_PORTS, REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS,
 };
-use lb_common::{vip_filter_slot, vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
+use lb_common::{vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
 
 use crate::{
     config::{DatapathSettings, XdpMode},
@@ -690,5 +690,5 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
 
 /// The `XLB_VIP_INDEX` slot of a VIP.
 fn index_slot(key: &VipKey) -> u32 {
-    vip_index_slot(vip_filter_slot(&key.addr, key.port_be, key.proto))
+    vip_index_slot(key.filter_slot())
 }

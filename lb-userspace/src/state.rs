@@ -24,9 +24,9 @@ use std::{
 };
 
 use lb_common::{
-    maglev, vip_filter_slot, Backend, Counters, FlowKey, VipInfo, VipKey, BACKEND_F_DOWN,
-    BACKEND_F_DRAINING, FAMILY_V4, FLOW_F_CLOSED, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP,
-    VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
+    maglev, Backend, Counters, FlowKey, VipInfo, VipKey, BACKEND_F_DOWN, BACKEND_F_DRAINING,
+    FAMILY_V4, FLOW_F_CLOSED, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, VIP_FILTER_WORDS,
+    VIP_F_AFFINITY_CLIENT_IP,
 };
 
 use crate::{
@@ -174,7 +174,7 @@ pub struct State {
 fn filter_bitmap<'a>(keys: impl Iterator<Item = &'a VipKey>) -> Vec<u64> {
     let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
     for k in keys {
-        let bit = vip_filter_slot(&k.addr, k.port_be, k.proto);
+        let bit = k.filter_slot();
         words[(bit / 64) as usize] |= 1 << (bit % 64);
     }
     words
