@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     api::{self, BackendAdd, BackendRef, Health, VipAdd, WeightChange},
     config::{Config, ConfigError, RawBackend, RawVip, XdpMode},
-    dataplane::{Attached, Dataplane},
+    dataplane::{Attached, Dataplane, DataplaneError},
     health::{self, CheckHandle, CheckSpec, HealthEvent},
     state::{vip_key, BackendKey, State, SystemResolver},
 };
@@ -102,13 +102,9 @@ pub struct Options {
     pub neighbour_timeout: Duration,
 }
 
-/// How the program is attached to the VIP interface.
-struct Mode {
-    /// `None` if a pinned link was taken over and `ip link` did not say.
-    xdp: Option<XdpMode>,
-    /// As `status` shows it: `native`, `generic, adopted`, ...
-    shown: String,
-}
+/// An interface the program is attached to, and its XDP mode (`None`: a
+/// link taken over whose mode `ip link` did not say).
+type Attachment = (String, Option<XdpMode>);
 
 pub struct Daemon {
     opts: Options,
@@ -121,8 +117,10 @@ pub struct Daemon {
     checks: HashMap<BackendKey, CheckHandle>,
     health_tx: mpsc::UnboundedSender<HealthEvent<BackendKey>>,
     /// Interfaces the program is attached to, the VIP interface first.
-    attached: Vec<String>,
-    mode: Mode,
+    attached: Vec<Attachment>,
+    /// The VIP interface's mode as `status` shows it: `native`,
+    /// `generic, adopted`, ...
+    mode: String,
     started: Instant,
     /// Flow-table entries seen by the last sweep.
     flows: Option<u64>,
@@ -153,6 +151,44 @@ fn attached_mode(interface: &str, how: Attached, requested: Option<XdpMode>) -> 
             None
         }
     }
+}
+
+/// Attaches to `cfg`'s egress interfaces not in `skip`, adding each to
+/// `made` once attached.
+fn attach_egress(
+    dp: &mut Dataplane,
+    cfg: &Config,
+    skip: &[String],
+    mode: Option<XdpMode>,
+    made: &mut Vec<Attachment>,
+) -> Result<(), DataplaneError> {
+    for name in cfg.egress_interfaces() {
+        if skip.iter().any(|s| s == name) {
+            continue;
+        }
+        let how = dp.attach(name, mode)?;
+        made.push((name.to_owned(), attached_mode(name, how, mode)));
+    }
+    Ok(())
+}
+
+/// Takes back what a refused apply attached (links it made; a link taken
+/// over stays). Failures are logged: the refusal is the error to report.
+fn detach_after_failure(dp: &mut Dataplane, made: &[Attachment]) {
+    for (name, _) in made {
+        if let Err(e) = dp.detach(name) {
+            tracing::error!("detaching from {name} after the refused change: {e}");
+        }
+    }
+}
+
+/// The interfaces' names, comma-separated.
+fn names(attached: &[Attachment]) -> String {
+    attached
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Parses `address:port/protocol` (IPv6 in brackets) into a VIP key.
@@ -228,7 +264,7 @@ impl Daemon {
         opts: &Options,
         dp: &mut Dataplane,
         cfg: &Config,
-    ) -> Result<(State, SystemResolver, Vec<String>, Mode)> {
+    ) -> Result<(State, SystemResolver, Vec<Attachment>, String)> {
         let mut state = State::default();
         if dp.adopted() {
             state.adopt(dp).context("adopting the pinned datapath")?;
@@ -239,29 +275,33 @@ impl Daemon {
         let now = crate::state::monotonic_ns();
         dp.set_clock(now)?;
         state.set_clock_floor(now);
-        // Program the tables before attaching, so the first packet finds them.
-        let summary = state
-            .apply(dp, cfg, &mut resolver)
-            .context("programming the initial configuration")?;
+        // The egress interfaces just before the first map write (a refused
+        // attach leaves an adopted datapath's maps as they were); the VIP
+        // interface after the tables, so its first packet finds them.
         let mode = opts.xdp_mode.or(cfg.xdp_mode);
-        let mut attached = vec![cfg.interface.clone()];
+        let mut egress = Vec::new();
+        let applied = state.apply_with(dp, cfg, &mut resolver, &mut |dp| {
+            attach_egress(dp, cfg, &[], mode, &mut egress)
+        });
+        let summary = match applied {
+            Ok(summary) => summary,
+            Err(e) => {
+                detach_after_failure(dp, &egress);
+                return Err(e).context("programming the initial configuration");
+            }
+        };
         let how = dp.attach(&cfg.interface, mode)?;
         let actual = attached_mode(&cfg.interface, how, mode);
-        for name in cfg.egress_interfaces() {
-            let egress = dp.attach(name, mode)?;
-            attached_mode(name, egress, mode);
-            attached.push(name.to_owned());
-        }
+        let mut attached = vec![(cfg.interface.clone(), actual)];
+        attached.extend(egress);
         let shown = match (actual, how) {
             (Some(m), Attached::Replaced) => format!("{m}, adopted"),
             (None, _) => "adopted".to_string(),
             (Some(m), _) => m.to_string(),
         };
-        let mode = Mode { xdp: actual, shown };
         tracing::info!(
-            "ready: attached to {} ({} mode), {} VIPs, {} backends, ring size {}{}",
-            attached.join(", "),
-            mode.shown,
+            "ready: attached to {} ({shown} mode), {} VIPs, {} backends, ring size {}{}",
+            names(&attached),
             cfg.vips.len(),
             cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
             cfg.datapath.ring_size,
@@ -275,7 +315,7 @@ impl Daemon {
                 String::new()
             }
         );
-        Ok((state, resolver, attached, mode))
+        Ok((state, resolver, attached, shown))
     }
 
     /// Starts, keeps or stops health-check tasks to match the running
@@ -307,43 +347,46 @@ impl Daemon {
     }
 
     /// Applies `cfg` as the running configuration; on an error nothing it
-    /// would change has changed (an interface it attached to stays
-    /// attached, unused, until the daemon exits).
+    /// would change has changed.
     fn apply(&mut self, cfg: Config) -> Result<crate::state::ApplySummary, Failure> {
         let requested = self.opts.xdp_mode.or(cfg.xdp_mode);
-        if let (Some(want), Some(have)) = (requested, self.mode.xdp) {
-            if cfg.xdp_mode != self.running.xdp_mode && want != have {
+        // `--xdp-mode` overrides the file, so only without it can the
+        // file ask for another mode.
+        let changed = cfg.xdp_mode != self.running.xdp_mode;
+        if let (None, Some(want), true) = (self.opts.xdp_mode, cfg.xdp_mode, changed) {
+            let other = self.attached.iter().find_map(|(name, have)| {
+                have.filter(|have| *have != want).map(|have| (name, have))
+            });
+            if let Some((name, have)) = other {
+                let how = match &self.opts.pin_dir {
+                    Some(dir) => format!(
+                        "a restart that adopts the pinned link keeps that: stop the daemon, \
+                         remove its pins in {} (the flow table starts empty), and start it",
+                        dir.display()
+                    ),
+                    None => "restart the daemon to attach it anew".to_string(),
+                };
                 return Err(Failure::bad(format!(
-                    "xdp_mode: {want} needs the program attached anew ({} is attached in {have} \
-                     mode, and a restart that adopts the pinned link keeps that): stop the \
-                     daemon, remove its pins{} (the flow table starts empty), and start it",
-                    self.running.interface,
-                    self.opts
-                        .pin_dir
-                        .as_ref()
-                        .map_or(String::new(), |d| format!(" in {}", d.display()))
+                    "xdp_mode: {want} needs the program attached anew ({name} is attached in \
+                     {have} mode; {how})"
                 )));
             }
         }
-        // New egress interfaces first: a refused attach leaves every table
-        // as it was, so the error can say nothing changed.
-        for name in cfg.egress_interfaces() {
-            if self.attached.iter().any(|a| a == name) {
-                continue;
-            }
-            // The friendlier error first, for a name that is not there.
-            crate::netdev::interface(name).map_err(|e| Failure::bad(e.to_string()))?;
-            let how = self
-                .dp
-                .attach(name, requested)
-                .map_err(|e| Failure::bad(format!("{:#}", anyhow::Error::from(e))))?;
-            attached_mode(name, how, requested);
-            self.attached.push(name.to_owned());
-        }
-        let summary = self
+        let skip: Vec<String> = self.attached.iter().map(|(name, _)| name.clone()).collect();
+        let mut made = Vec::new();
+        let applied = self
             .state
-            .apply(&mut self.dp, &cfg, &mut self.resolver)
-            .map_err(|e| Failure::bad(format!("{:#}", anyhow::Error::from(e))))?;
+            .apply_with(&mut self.dp, &cfg, &mut self.resolver, &mut |dp| {
+                attach_egress(dp, &cfg, &skip, requested, &mut made)
+            });
+        let summary = match applied {
+            Ok(summary) => summary,
+            Err(e) => {
+                detach_after_failure(&mut self.dp, &made);
+                return Err(Failure::bad(format!("{:#}", anyhow::Error::from(e))));
+            }
+        };
+        self.attached.extend(made);
         self.running = cfg;
         self.sync_checks();
         Ok(summary)
@@ -480,8 +523,8 @@ impl Daemon {
                     pid: std::process::id(),
                     uptime_seconds: self.started.elapsed().as_secs(),
                     config_path: self.opts.config_path.display().to_string(),
-                    interfaces: self.attached.clone(),
-                    xdp_mode: self.mode.shown.clone(),
+                    interfaces: self.attached.iter().map(|(name, _)| name.clone()).collect(),
+                    xdp_mode: self.mode.clone(),
                     adopted: self.dp.adopted(),
                     runtime_changes: self.runtime_changes.clone(),
                     vips: self.running.vips.len(),
@@ -701,7 +744,7 @@ impl Daemon {
             );
         } else {
             self.dp.unpin().context("removing pins")?;
-            tracing::info!("detached from {}", self.attached.join(", "));
+            tracing::info!("detached from {}", names(&self.attached));
         }
         drop(self.dp);
         Ok(stats)

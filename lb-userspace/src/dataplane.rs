@@ -13,6 +13,7 @@ use aya::{
     maps::{Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
+        xdp::XdpLinkId,
         ProgramError, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
@@ -133,6 +134,14 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
     }
 }
 
+/// A link `Dataplane::attach` made.
+enum MadeLink {
+    /// Pinned: the pin is its only reference.
+    Pinned(PathBuf),
+    /// Held by the program (no pin directory).
+    Owned(XdpLinkId),
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     settings: DatapathSettings,
@@ -143,6 +152,9 @@ pub struct Dataplane {
     adopted: bool,
     /// Pinned XDP links this daemon owns.
     links: Vec<PathBuf>,
+    /// Links `attach` made in this process (not taken over), by interface:
+    /// the ones `detach` can take back.
+    made: std::collections::HashMap<String, MadeLink>,
     backend_expired: Array<MapData, u64>,
     vip_filter: Array<MapData, u64>,
     clock: Array<MapData, u64>,
@@ -224,6 +236,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_path_buf),
             adopted,
             links: Vec::new(),
+            made: std::collections::HashMap::new(),
             vips: take_map!(ebpf, maps::VIPS),
             vip_index: take_map!(ebpf, maps::VIP_INDEX),
             vip_by_id: take_map!(ebpf, maps::VIP_BY_ID),
@@ -431,9 +444,36 @@ impl Dataplane {
                 context: context(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            self.links.push(path);
+            self.links.push(path.clone());
+            self.made
+                .insert(interface.to_owned(), MadeLink::Pinned(path));
+        } else {
+            self.made.insert(interface.to_owned(), MadeLink::Owned(id));
         }
         Ok(how)
+    }
+
+    /// Detaches from `interface` the link `attach` made there in this
+    /// process (removing its pin). A link taken over from a pin, or none,
+    /// is left alone.
+    pub fn detach(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        match self.made.remove(interface) {
+            None => Ok(()),
+            Some(MadeLink::Pinned(path)) => {
+                self.links.retain(|p| *p != path);
+                // The pin held the link's last reference: removing it
+                // detaches.
+                remove_pin(&path)
+            }
+            Some(MadeLink::Owned(id)) => {
+                self.program_mut()
+                    .detach(id)
+                    .map_err(|source| DataplaneError::Program {
+                        context: format!("detaching XDP from {interface}"),
+                        source,
+                    })
+            }
+        }
     }
 
     /// Adds or changes a VIP: its `XLB_VIPS` entry, then its entry by id,

@@ -297,6 +297,20 @@ impl State {
         cfg: &Config,
         resolver: &mut dyn Resolver,
     ) -> Result<ApplySummary, ApplyError> {
+        self.apply_with(dp, cfg, resolver, &mut |_| Ok(()))
+    }
+
+    /// `apply`, running `before_writes` once everything that can refuse the
+    /// configuration (restart-only changes, interfaces, MACs, slots, Maglev
+    /// tables) has passed, just before the first map write: an error there
+    /// leaves every map as it was.
+    pub fn apply_with(
+        &mut self,
+        dp: &mut Dataplane,
+        cfg: &Config,
+        resolver: &mut dyn Resolver,
+        before_writes: &mut dyn FnMut(&mut Dataplane) -> Result<(), DataplaneError>,
+    ) -> Result<ApplySummary, ApplyError> {
         if let Some(old) = &self.config {
             if old.datapath != cfg.datapath {
                 return Err(ApplyError::NeedsRestart("datapath settings"));
@@ -537,6 +551,8 @@ impl State {
             };
             new_vips.insert(*key, slot);
         }
+
+        before_writes(dp)?;
 
         // 2. Backends and tx ports.
         for (&ifindex, &port) in &tx_ports {

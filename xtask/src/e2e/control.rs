@@ -477,11 +477,14 @@ fn kill_and_restart(
     // Not ctx.start_daemon_with: that would remove the pins.
     let daemon = Daemon::start_with(config, opts)?;
     let after = ctx.ctl.backends(vip)?;
+    // The link taken over keeps its mode, read back from the kernel: the
+    // first daemon attached natively (veth has the hook).
     let adopted_line = daemon
-        .find_log(|l| l.contains("adopted"))
+        .find_log(|l| l.contains("(native, adopted mode)") && l.contains("adopted the pinned"))
         .with_context(|| {
             format!(
-                "the restarted daemon does not say it adopted the pinned datapath:\n{}",
+                "the restarted daemon does not say it took over the native link and adopted \
+                 the pinned datapath:\n{}",
                 daemon.log_tail()
             )
         })?;
@@ -660,8 +663,11 @@ fn expect_refusal(out: &CtlOutput, what: &str, needles: &[&str]) -> Result<Strin
     expect_refusal_with(out, 1, what, needles)
 }
 
-/// A bridge made (and removed) in the LB namespace by `bad_input_rejected`.
+/// Made (and removed) in the LB namespace by `bad_input_rejected`: a
+/// bridge, where native XDP is refused, and a veth pair, where it is not.
 const NO_NATIVE_IF: &str = "xlb-nonative";
+const NATIVE_IF: &str = "xlb-native0";
+const NATIVE_PEER: &str = "xlb-native1";
 
 pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
     let spec = checked_vip(&[1, 2, 3]);
@@ -692,11 +698,12 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
             1,
         )
     };
-    // A backend behind an interface where native XDP is refused (a bridge
-    // has no driver hook): the attach fails after the file validated, and
-    // must fail before any table is touched.
+    // Backends behind two new interfaces, the second refusing native XDP
+    // (a bridge has no driver hook): its attach fails after the file
+    // validated and the first attach succeeded. No table may change, and
+    // the first interface must be detached again.
     let no_native = format!(
-        "{}      - address: \"10.200.0.99\"\n        mac: 02:00:00:00:00:99\n        interface: {NO_NATIVE_IF}\n",
+        "{}      - address: \"10.200.0.98\"\n        mac: 02:00:00:00:00:98\n        interface: {NATIVE_IF}\n      - address: \"10.200.0.99\"\n        mac: 02:00:00:00:00:99\n        interface: {NO_NATIVE_IF}\n",
         with_mode("native")
     );
     // The daemon attached natively (veth has the hook); another mode needs
@@ -730,14 +737,19 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
             &["xdp_mode: generic needs the program attached anew"],
         ),
     ];
-    let bridge = |verb: &str| -> Result<String> {
-        let mut argv = vec!["ip", "link", verb, NO_NATIVE_IF];
-        if verb == "add" {
-            argv.extend(["type", "bridge"]);
-        }
-        util::run(&mut topology::exec_in(topology::LB_NS, &argv))
-    };
-    bridge("add")?;
+    let in_lb = |argv: &[&str]| util::run(&mut topology::exec_in(topology::LB_NS, argv));
+    in_lb(&["ip", "link", "add", NO_NATIVE_IF, "type", "bridge"])?;
+    in_lb(&[
+        "ip",
+        "link",
+        "add",
+        NATIVE_IF,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NATIVE_PEER,
+    ])?;
 
     let check_unchanged = |what: &str| -> Result<()> {
         let now = shape(&ctx.ctl.backends(&vip)?);
@@ -777,7 +789,17 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
         note(check_unchanged(&format!("the rejected reload ({what})")).map(|()| String::new()));
     }
     write_config(&path, std::slice::from_ref(&spec))?;
-    bridge("del")?;
+    let link = in_lb(&["ip", "-j", "link", "show", "dev", NATIVE_IF])?;
+    note(if link.contains("\"xdp\"") {
+        Err(anyhow::anyhow!(
+            "{NATIVE_IF} kept an XDP program after the refused reload: {}",
+            link.trim()
+        ))
+    } else {
+        Ok(String::new())
+    });
+    in_lb(&["ip", "link", "del", NO_NATIVE_IF])?;
+    in_lb(&["ip", "link", "del", NATIVE_IF])?;
 
     let out = ctx.ctl.run(&["backend", "add", &vip, "10.200.0.x"])?;
     note(
