@@ -346,8 +346,9 @@ impl Daemon {
         }
     }
 
-    /// Applies `cfg` as the running configuration; on an error nothing it
-    /// would change has changed.
+    /// Applies `cfg` as the running configuration. A refusal (anything
+    /// checked before the first map write, the egress attaches included)
+    /// changes nothing; a map write failing midway is an internal error.
     fn apply(&mut self, cfg: Config) -> Result<crate::state::ApplySummary, Failure> {
         let requested = self.opts.xdp_mode.or(cfg.xdp_mode);
         // `--xdp-mode` overrides the file, so only without it can the
