@@ -173,7 +173,9 @@ fn attach_egress(
 }
 
 /// Takes back what a refused apply attached (links it made; a link taken
-/// over stays). Failures are logged: the refusal is the error to report.
+/// over keeps the new program). Failures are logged: the refusal is the
+/// error to report. Not for an apply that failed after its map writes
+/// began: the maps may send traffic to those interfaces by then.
 fn detach_after_failure(dp: &mut Dataplane, made: &[Attachment]) {
     for (name, _) in made {
         if let Err(e) = dp.detach(name) {
@@ -228,9 +230,7 @@ impl Daemon {
             // nothing attached is left without a daemon. An adopted one keeps
             // serving as its predecessor left it.
             Err(e) if dp.adopted() => {
-                return Err(
-                    e.context("the adopted datapath is left as it was (attached, pinned, serving)")
-                )
+                return Err(e.context("the adopted datapath keeps serving (attached and pinned)"))
             }
             Err(e) => {
                 if let Err(u) = dp.unpin() {
@@ -280,13 +280,18 @@ impl Daemon {
         // interface after the tables, so its first packet finds them.
         let mode = opts.xdp_mode.or(cfg.xdp_mode);
         let mut egress = Vec::new();
+        let mut writing = false;
         let applied = state.apply_with(dp, cfg, &mut resolver, &mut |dp| {
-            attach_egress(dp, cfg, &[], mode, &mut egress)
+            attach_egress(dp, cfg, &[], mode, &mut egress)?;
+            writing = true;
+            Ok(())
         });
         let summary = match applied {
             Ok(summary) => summary,
             Err(e) => {
-                detach_after_failure(dp, &egress);
+                if !writing {
+                    detach_after_failure(dp, &egress);
+                }
                 return Err(e).context("programming the initial configuration");
             }
         };
@@ -361,8 +366,9 @@ impl Daemon {
             if let Some((name, have)) = other {
                 let how = match &self.opts.pin_dir {
                     Some(dir) => format!(
-                        "a restart that adopts the pinned link keeps that: stop the daemon, \
-                         remove its pins in {} (the flow table starts empty), and start it",
+                        "restart the daemon; a restart that adopts the pinned link (after \
+                         --persist or a crash) keeps its mode, so remove the pins in {} first \
+                         (the flow table starts empty)",
                         dir.display()
                     ),
                     None => "restart the daemon to attach it anew".to_string(),
@@ -375,13 +381,25 @@ impl Daemon {
         }
         let skip: Vec<String> = self.attached.iter().map(|(name, _)| name.clone()).collect();
         let mut made = Vec::new();
+        let mut writing = false;
         let applied = self
             .state
             .apply_with(&mut self.dp, &cfg, &mut self.resolver, &mut |dp| {
-                attach_egress(dp, &cfg, &skip, requested, &mut made)
+                attach_egress(dp, &cfg, &skip, requested, &mut made)?;
+                writing = true;
+                Ok(())
             });
         let summary = match applied {
             Ok(summary) => summary,
+            Err(e) if writing => {
+                // The maps may name the new interfaces by now: they stay.
+                self.attached.extend(made);
+                return Err(Failure::internal(format!(
+                    "{:#} (failed after the map writes began: the datapath may hold part of \
+                     the new configuration; apply it again)",
+                    anyhow::Error::from(e)
+                )));
+            }
             Err(e) => {
                 detach_after_failure(&mut self.dp, &made);
                 return Err(Failure::bad(format!("{:#}", anyhow::Error::from(e))));
@@ -432,10 +450,14 @@ impl Daemon {
             ))
         })?;
         let s = self.apply(cfg).map_err(|f| Failure {
-            message: format!(
-                "reload of {path} rejected, running configuration unchanged: {}",
-                f.message
-            ),
+            message: if f.status == 500 {
+                format!("reload of {path} failed: {}", f.message)
+            } else {
+                format!(
+                    "reload of {path} rejected, running configuration unchanged: {}",
+                    f.message
+                )
+            },
             ..f
         })?;
         let discarded = std::mem::take(&mut self.runtime_changes);

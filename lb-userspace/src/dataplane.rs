@@ -460,10 +460,11 @@ impl Dataplane {
         match self.made.remove(interface) {
             None => Ok(()),
             Some(MadeLink::Pinned(path)) => {
-                self.links.retain(|p| *p != path);
                 // The pin held the link's last reference: removing it
-                // detaches.
-                remove_pin(&path)
+                // detaches (once the kernel frees the link).
+                remove_pin(&path)?;
+                self.links.retain(|p| *p != path);
+                Ok(())
             }
             Some(MadeLink::Owned(id)) => {
                 self.program_mut()
