@@ -641,14 +641,7 @@ pub fn parse_vip(s: &str) -> Result<String, String> {
 
 /// Checks `vip add --name` before anything is sent.
 fn parse_vip_name(s: &str) -> Result<String, String> {
-    if crate::config::is_vip_name(s) {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "{s:?} is not a VIP name (1-{} letters, digits, '-', '_' or '.', and not an IP address)",
-            crate::config::MAX_VIP_NAME
-        ))
-    }
+    crate::config::check_vip_name(s).map(|()| s.to_owned())
 }
 
 /// A VIP as the API writes it: `address:port/protocol`, IPv6 in brackets.

@@ -414,7 +414,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> FieldError {
 }
 
 /// Longest VIP `name`.
-pub const MAX_VIP_NAME: usize = 64;
+const MAX_VIP_NAME: usize = 64;
 
 /// Whether `name` can name a VIP: 1 to `MAX_VIP_NAME` ASCII letters,
 /// digits, `-`, `_` and `.`, and not an IP address. The CLI tells a name
@@ -427,6 +427,17 @@ pub fn is_vip_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && name.parse::<IpAddr>().is_err()
+}
+
+/// `is_vip_name`, or why `name` is not one.
+pub fn check_vip_name(name: &str) -> Result<(), String> {
+    if is_vip_name(name) {
+        return Ok(());
+    }
+    Err(format!(
+        "{name:?} is not a VIP name (1-{MAX_VIP_NAME} letters, digits, '-', '_' or '.', and not \
+         an IP address)"
+    ))
 }
 
 fn check_interface(field: &str, name: &str) -> Result<(), FieldError> {
@@ -520,14 +531,7 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             ));
         }
         if let Some(name) = &v.name {
-            if !is_vip_name(name) {
-                return Err(invalid(
-                    format!("{at}.name"),
-                    format!(
-                        "{name:?} is not a VIP name (1-{MAX_VIP_NAME} letters, digits, '-', '_' or '.', and not an IP address)"
-                    ),
-                ));
-            }
+            check_vip_name(name).map_err(|message| invalid(format!("{at}.name"), message))?;
             if let Some(first) = seen_names.insert(name.as_str(), i) {
                 return Err(invalid(
                     format!("{at}.name"),
