@@ -24,9 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     api::{self, BackendAdd, BackendRef, Health, VipAdd, WeightChange},
     config::{Config, ConfigError, RawBackend, RawVip, XdpMode},
-    dataplane::{Attached, Dataplane, DataplaneError},
+    dataplane::{Attached, Dataplane},
     health::{self, CheckHandle, CheckSpec, HealthEvent},
-    state::{vip_key, BackendKey, State, SystemResolver},
+    state::{vip_key, ApplySummary, BackendKey, State, SystemResolver},
 };
 
 /// A failed API request: HTTP status and a one-line message.
@@ -153,33 +153,61 @@ fn attached_mode(interface: &str, how: Attached, requested: Option<XdpMode>) -> 
     }
 }
 
-/// Attaches to `cfg`'s egress interfaces not in `skip`, adding each to
-/// `made` once attached.
-fn attach_egress(
-    dp: &mut Dataplane,
-    cfg: &Config,
-    skip: &[String],
-    mode: Option<XdpMode>,
-    made: &mut Vec<Attachment>,
-) -> Result<(), DataplaneError> {
-    for name in cfg.egress_interfaces() {
-        if skip.iter().any(|s| s == name) {
-            continue;
-        }
-        let how = dp.attach(name, mode)?;
-        made.push((name.to_owned(), attached_mode(name, how, mode)));
-    }
-    Ok(())
+/// A failed `apply_attaching`.
+struct ApplyFailed {
+    error: anyhow::Error,
+    /// The failure came after the first map write (else it was a refusal,
+    /// and nothing changed).
+    writes_began: bool,
+    /// Interfaces it attached and left attached: after the writes began
+    /// the maps may send traffic to them.
+    attached: Vec<Attachment>,
 }
 
-/// Takes back what a refused apply attached (links it made; a link taken
-/// over keeps the new program). Failures are logged: the refusal is the
-/// error to report. Not for an apply that failed after its map writes
-/// began: the maps may send traffic to those interfaces by then.
-fn detach_after_failure(dp: &mut Dataplane, made: &[Attachment]) {
-    for (name, _) in made {
-        if let Err(e) = dp.detach(name) {
-            tracing::error!("detaching from {name} after the refused change: {e}");
+/// `State::apply_with`, attaching to `cfg`'s egress interfaces that are not
+/// in `attached` just before the first map write. Returns the summary and
+/// the interfaces it attached. A refusal detaches them again (links it
+/// made; a link taken over keeps the new program).
+fn apply_attaching(
+    state: &mut State,
+    dp: &mut Dataplane,
+    resolver: &mut SystemResolver,
+    cfg: &Config,
+    attached: &[Attachment],
+    mode: Option<XdpMode>,
+) -> Result<(ApplySummary, Vec<Attachment>), ApplyFailed> {
+    let mut made: Vec<Attachment> = Vec::new();
+    let mut writes_began = false;
+    let applied = state.apply_with(dp, cfg, resolver, &mut |dp| {
+        for name in cfg.egress_interfaces() {
+            if attached.iter().any(|(a, _)| a == name) {
+                continue;
+            }
+            let how = dp.attach(name, mode)?;
+            made.push((name.to_owned(), attached_mode(name, how, mode)));
+        }
+        writes_began = true;
+        Ok(())
+    });
+    match applied {
+        Ok(summary) => Ok((summary, made)),
+        Err(error) if writes_began => Err(ApplyFailed {
+            error: error.into(),
+            writes_began,
+            attached: made,
+        }),
+        Err(error) => {
+            // Logged, not returned: the refusal is the error to report.
+            for (name, _) in &made {
+                if let Err(e) = dp.detach(name) {
+                    tracing::error!("detaching from {name} after the refused change: {e}");
+                }
+            }
+            Err(ApplyFailed {
+                error: error.into(),
+                writes_began,
+                attached: Vec::new(),
+            })
         }
     }
 }
@@ -279,22 +307,9 @@ impl Daemon {
         // attach leaves an adopted datapath's maps as they were); the VIP
         // interface after the tables, so its first packet finds them.
         let mode = opts.xdp_mode.or(cfg.xdp_mode);
-        let mut egress = Vec::new();
-        let mut writing = false;
-        let applied = state.apply_with(dp, cfg, &mut resolver, &mut |dp| {
-            attach_egress(dp, cfg, &[], mode, &mut egress)?;
-            writing = true;
-            Ok(())
-        });
-        let summary = match applied {
-            Ok(summary) => summary,
-            Err(e) => {
-                if !writing {
-                    detach_after_failure(dp, &egress);
-                }
-                return Err(e).context("programming the initial configuration");
-            }
-        };
+        let (summary, egress) = apply_attaching(&mut state, dp, &mut resolver, cfg, &[], mode)
+            .map_err(|f| f.error)
+            .context("programming the initial configuration")?;
         let how = dp.attach(&cfg.interface, mode)?;
         let actual = attached_mode(&cfg.interface, how, mode);
         let mut attached = vec![(cfg.interface.clone(), actual)];
@@ -354,7 +369,7 @@ impl Daemon {
     /// Applies `cfg` as the running configuration. A refusal (anything
     /// checked before the first map write, the egress attaches included)
     /// changes nothing; a map write failing midway is an internal error.
-    fn apply(&mut self, cfg: Config) -> Result<crate::state::ApplySummary, Failure> {
+    fn apply(&mut self, cfg: Config) -> Result<ApplySummary, Failure> {
         let requested = self.opts.xdp_mode.or(cfg.xdp_mode);
         // `--xdp-mode` overrides the file, so only without it can the
         // file ask for another mode.
@@ -379,33 +394,32 @@ impl Daemon {
                 )));
             }
         }
-        let skip: Vec<String> = self.attached.iter().map(|(name, _)| name.clone()).collect();
-        let mut made = Vec::new();
-        let mut writing = false;
-        let applied = self
-            .state
-            .apply_with(&mut self.dp, &cfg, &mut self.resolver, &mut |dp| {
-                attach_egress(dp, &cfg, &skip, requested, &mut made)?;
-                writing = true;
-                Ok(())
-            });
+        let applied = apply_attaching(
+            &mut self.state,
+            &mut self.dp,
+            &mut self.resolver,
+            &cfg,
+            &self.attached,
+            requested,
+        );
         let summary = match applied {
-            Ok(summary) => summary,
-            Err(e) if writing => {
-                // The maps may name the new interfaces by now: they stay.
+            Ok((summary, made)) => {
                 self.attached.extend(made);
-                return Err(Failure::internal(format!(
-                    "{:#} (failed after the map writes began: the datapath may hold part of \
-                     the new configuration; apply it again)",
-                    anyhow::Error::from(e)
-                )));
+                summary
             }
-            Err(e) => {
-                detach_after_failure(&mut self.dp, &made);
-                return Err(Failure::bad(format!("{:#}", anyhow::Error::from(e))));
+            Err(f) => {
+                self.attached.extend(f.attached);
+                let error = format!("{:#}", f.error);
+                return Err(if f.writes_began {
+                    Failure::internal(format!(
+                        "{error} (failed after the map writes began: the datapath may hold \
+                         part of the new configuration; apply it again)"
+                    ))
+                } else {
+                    Failure::bad(error)
+                });
             }
         };
-        self.attached.extend(made);
         self.running = cfg;
         self.sync_checks();
         Ok(summary)
