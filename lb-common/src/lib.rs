@@ -26,8 +26,9 @@ pub mod maps {
     /// backend id. Pinned with the rest, so a restarted daemon keeps the
     /// active-connection arithmetic right.
     pub const BACKEND_EXPIRED: &str = "XLB_BACKEND_EXPIRED";
-    /// Bitmap of `vip_filter_slot` of every VIP: most packets that are not
-    /// for a VIP are turned away by one array read, before any hash lookup.
+    /// Bitmap of `vip_filter_slot` of every VIP: after a flow-table miss,
+    /// most packets that are not for a VIP are turned away by one array
+    /// read, with no hash lookup.
     pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
     /// One `u64`: CLOCK_MONOTONIC in ns, written by the daemon every 250 ms.
     /// Flow timestamps use it; `bpf_ktime_get_ns` costs ~28 ns a packet here.

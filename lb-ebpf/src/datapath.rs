@@ -331,6 +331,22 @@ fn vip_words(k: &VipKey) -> [u64; 5] {
     ]
 }
 
+/// The flow's `vip_filter_slot`, if its bit is set; else the packet is
+/// not for a VIP. Asked after a flow-table miss: most packets that are not
+/// for a VIP are turned away by this one array read, with no hash lookup.
+#[inline(always)]
+fn vip_filter(flow: &FlowKey) -> Result<u32, Reason> {
+    let bit = vip_filter_slot(&flow.dst, flow.dst_port_be, flow.proto);
+    let word = XLB_VIP_FILTER
+        .get(bit / 64)
+        .copied()
+        .ok_or(Reason::PassNotVip)?;
+    if word & (1u64 << (bit % 64)) == 0 {
+        return Err(Reason::PassNotVip);
+    }
+    Ok(bit)
+}
+
 /// The `VipInfo` of `key` (whose filter slot is `filter_slot`), for a new
 /// flow: the index slot names the VIP, whose entry must have this key (see
 /// `VipEntry`); a slot several VIPs share sends the lookup to `XLB_VIPS`.
@@ -562,17 +578,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         return Err(Reason::PassNonIp);
     };
     let flow = parsed.flow;
-
-    // Not a VIP's (address, port, protocol) bit: not for us, and no hash
-    // lookup spent on finding that out.
-    let bit = vip_filter_slot(&flow.dst, flow.dst_port_be, flow.proto);
-    let word = XLB_VIP_FILTER
-        .get(bit / 64)
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
-    if word & (1u64 << (bit % 64)) == 0 {
-        return Err(Reason::PassNotVip);
-    }
     let vip_key = VipKey {
         addr: flow.dst,
         port_be: flow.dst_port_be,
@@ -580,6 +585,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         family: flow.family,
     };
     if parsed.ttl <= 1 {
+        vip_filter(&flow)?;
         // SAFETY: only tested for presence.
         let is_vip = unsafe { XLB_VIPS.get(&vip_key) }.is_some();
         return Err(if is_vip {
@@ -590,9 +596,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let now = XLB_CLOCK.get(0).copied().unwrap_or(0);
 
-    // An established flow needs no VIP lookup: its backend entry names the
-    // VIP. A flow whose backend is gone (VIP removed, backend replaced) falls
-    // through to the VIP lookup like a new one.
+    // The flow table first: an established flow needs neither the VIP
+    // filter nor a VIP lookup (only VIP traffic makes entries, and an
+    // entry's backend names its VIP). A flow whose backend is gone (VIP
+    // removed, backend replaced) falls through to both like a new one.
     let words = key_words(&flow);
     let pair = bucket_pair(slot_hash(&words), flow_buckets());
     // Unreachable: the loader sizes the map with the bucket count the pair
@@ -603,6 +610,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         if found.track == Track::Pinned {
             (found.id, found.backend, found.backend.vip_id, false)
         } else {
+            let bit = vip_filter(&flow)?;
             let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
             let (id, backend, new_flow) =
                 schedule(&vip, &flow, &words, &b, parsed.tcp_flags, now, found)?;

@@ -377,9 +377,9 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      swaps the MACs, XDP_TX), or one insert (both bucket locks, victim slot, \
                      write) behind the same reset step in (b0). One flow-table hit costs {} ns \
                      here, {} ns more than (d); xdplb's whole established path adds {} ns to \
-                     it (VIP filter, backend entry, counters, rewrite). One insert costs {} ns; \
+                     it (backend entry, counters, rewrite). One insert costs {} ns; \
                      xdplb's new-flow path adds {} ns to it (the lookup that missed, the \
-                     VIP's entry, flow hash, Maglev slot, backend entry, counters).\n\n\
+                     VIP filter and entry, flow hash, Maglev slot, backend entry, counters).\n\n\
                      (bM) is the memory under (b0): the same key, one 8-byte read of each of \
                      its two buckets in the same table and nothing else, {} ns. That is what \
                      reading two random places of a table this size costs on this machine \
