@@ -724,7 +724,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         );
         flow_entries.push(entries);
 
-        // (c) Not a VIP: parse, VIP miss, pass.
+        // (c) Not a VIP: parse, flow-table miss, VIP filter miss, pass.
         c.push(time_run(
             dp.program_mut(),
             &not_vip,
