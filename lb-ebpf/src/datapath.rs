@@ -13,11 +13,11 @@ use aya_ebpf::{
 use lb_common::{
     flow_table::{bucket_pair, buckets_for, key_words, same_key, slot_hash},
     hash::{client_hash, flow_hash},
-    ring_chunk_index, ring_chunks_for, vip_filter_slot, Backend, Counters, FlowBucket, FlowKey,
-    FlowSlot, FlowValue, Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN,
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6,
-    FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
-    REASON_SLOTS, RING_CHUNK_SLOTS, VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
+    ring_chunk_index, ring_chunks_for, Backend, Counters, FlowBucket, FlowKey, FlowSlot, FlowValue,
+    Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS,
+    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, REASON_SLOTS, RING_CHUNK_SLOTS,
+    VIP_FILTER_WORDS, VIP_F_AFFINITY_CLIENT_IP,
 };
 use lb_common::{vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
 use network_types::{
@@ -331,12 +331,13 @@ fn vip_words(k: &VipKey) -> [u64; 5] {
     ]
 }
 
-/// The flow's `vip_filter_slot`, if its bit is set; else the packet is
-/// not for a VIP. Asked after a flow-table miss: most packets that are not
-/// for a VIP are turned away by this one array read, with no hash lookup.
+/// The filter slot of the packet's destination (`VipKey::filter_slot`), if
+/// its bit is set; else the packet is not for a VIP. Asked after a
+/// flow-table miss: most packets that are not for a VIP are turned away by
+/// this one array read, with no hash lookup.
 #[inline(always)]
-fn vip_filter(flow: &FlowKey) -> Result<u32, Reason> {
-    let bit = vip_filter_slot(&flow.dst, flow.dst_port_be, flow.proto);
+fn vip_filter(key: &VipKey) -> Result<u32, Reason> {
+    let bit = key.filter_slot();
     let word = XLB_VIP_FILTER
         .get(bit / 64)
         .copied()
@@ -585,7 +586,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         family: flow.family,
     };
     if parsed.ttl <= 1 {
-        vip_filter(&flow)?;
+        vip_filter(&vip_key)?;
         // SAFETY: only tested for presence.
         let is_vip = unsafe { XLB_VIPS.get(&vip_key) }.is_some();
         return Err(if is_vip {
@@ -610,7 +611,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         if found.track == Track::Pinned {
             (found.id, found.backend, found.backend.vip_id, false)
         } else {
-            let bit = vip_filter(&flow)?;
+            let bit = vip_filter(&vip_key)?;
             let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
             let (id, backend, new_flow) =
                 schedule(&vip, &flow, &words, &b, parsed.tcp_flags, now, found)?;
