@@ -7,10 +7,9 @@
 //! reason's policy (see `lb_common::Reason`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The flow table's bucket lock is a compare-and-swap and an atomic and on
-// a map value field; core::sync::atomic offers neither on the BPF target,
-// the intrinsics are BPF_CMPXCHG and BPF_AND. aya-build always compiles
-// this crate with nightly.
+// The flow table's bucket lock is a compare-and-swap on a map value field;
+// core::sync::atomic does not offer it on the BPF target, the intrinsic is
+// BPF_CMPXCHG. aya-build always compiles this crate with nightly.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(
     target_arch = "bpf",
