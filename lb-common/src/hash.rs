@@ -2,10 +2,14 @@
 //!
 //! The flow hash picks a ring slot for a new flow. It must be identical on
 //! every LB node (same config, same table, same answer) and cheap in BPF:
-//! word-at-a-time multiply/rotate mixing with a final avalanche, no tables and
-//! no loops the verifier has to reason about.
+//! the flow hash is the flow table's slot hash, which the datapath computes
+//! anyway; the client hash is word-at-a-time multiply/rotate mixing with a
+//! final avalanche. No tables and no loops the verifier has to reason about.
 
-use crate::FlowKey;
+use crate::{
+    flow_table::{key_words, slot_hash},
+    FlowKey,
+};
 
 const SEED: u32 = 0x9e37_79b9;
 
@@ -31,24 +35,31 @@ const fn finish(mut h: u32, len_words: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Hash of the whole 5-tuple: each connection is scheduled on its own.
+/// The ring hash of a flow whose `flow_table::slot_hash` (over
+/// `flow_table::key_words`) is `slot_hash`: each connection is scheduled
+/// on its own. The datapath has that hash already (it found the flow's
+/// table buckets with it), so a new flow pays no second hash over its
+/// 40-byte key. `ring_slot` reads mostly the top bits of the value: here
+/// the low 16 bits of the slot hash, the bits the bucket choice (the top
+/// bits of each half) reads least, so flows that share a bucket still
+/// spread over the ring.
+#[inline(always)]
+pub fn flow_hash_of(slot_hash: u64) -> u32 {
+    slot_hash.rotate_left(16) as u32
+}
+
+/// Hash of the whole 5-tuple (`flow_hash_of` its slot hash).
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    let mut h = SEED;
-    h = mix(h, key.src[0]);
-    h = mix(h, key.src[1]);
-    h = mix(h, key.src[2]);
-    h = mix(h, key.src[3]);
-    h = mix(h, key.dst[0]);
-    h = mix(h, key.dst[1]);
-    h = mix(h, key.dst[2]);
-    h = mix(h, key.dst[3]);
-    h = mix(
-        h,
-        (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be),
-    );
-    h = mix(h, (u32::from(key.proto) << 8) | u32::from(key.family));
-    finish(h, 10)
+    flow_hash_of(slot_hash(&key_words(key)))
+}
+
+/// The slot of `hash` in a ring of `ring_size` slots: a multiply and a
+/// shift (uniform like `hash % ring_size` within one part in 2^16 at the
+/// default 65537 slots, without a division).
+#[inline(always)]
+pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
+    ((u64::from(hash) * u64::from(ring_size)) >> 32) as u32
 }
 
 /// Hash of the client address only (`affinity: client-ip`): every connection
@@ -100,14 +111,59 @@ mod tests {
     #[test]
     fn flow_hash_spreads_sequential_ports_evenly() {
         // Clients allocate ephemeral ports sequentially; the hash must still
-        // spread them. 60000 ports into 16 buckets: each within 5% of even.
-        let mut buckets = [0u32; 16];
+        // spread them over the ring. 60000 ports into 16 slots: each within
+        // 5% of even.
+        let mut slots = [0u32; 16];
         for port in 1000..61000u16 {
-            buckets[(flow_hash(&key(port)) % 16) as usize] += 1;
+            slots[ring_slot(flow_hash(&key(port)), 16) as usize] += 1;
         }
-        for (i, b) in buckets.iter().enumerate() {
-            assert!((3562..=3938).contains(b), "bucket {i} has {b} of 60000");
+        for (i, n) in slots.iter().enumerate() {
+            assert!((3562..=3938).contains(n), "slot {i} has {n} of 60000");
         }
+    }
+
+    #[test]
+    fn ring_slot_is_in_range_and_even() {
+        for size in [1, 2, 16, 65_537, crate::MAX_RING_SIZE] {
+            for h in [0, 1, u32::MAX / 2, u32::MAX] {
+                assert!(ring_slot(h, size) < size, "{h} in {size}");
+            }
+        }
+        // Slot s of n begins at hash ceil(s * 2^32 / n): every slot of
+        // 65537 gets 65535 or 65536 of the 2^32 hashes, as with `%`.
+        let n = 65_537u64;
+        let first = |s: u64| ((s << 32).div_ceil(n)) as u32;
+        for s in [1u64, 2, 1000, 32_768, 65_535, 65_536] {
+            let (lo, hi) = (first(s), if s + 1 < n { first(s + 1) } else { 0 });
+            assert_eq!(u64::from(ring_slot(lo, n as u32)), s);
+            assert_eq!(u64::from(ring_slot(lo - 1, n as u32)), s - 1);
+            if hi != 0 {
+                assert!(
+                    (65_535..=65_536).contains(&(hi - lo)),
+                    "slot {s}: {}",
+                    hi - lo
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flows_sharing_a_bucket_spread_over_the_ring() {
+        // The ring slot and the bucket come from one hash: flows that share
+        // their first bucket must not share their ring slots too.
+        let mut slots = std::collections::HashSet::new();
+        let mut sharing = 0;
+        for port in 0..=u16::MAX {
+            let h = slot_hash(&key_words(&key(port)));
+            if crate::flow_table::bucket_pair(h, 1024)[0] == 0 {
+                sharing += 1;
+                slots.insert(ring_slot(flow_hash_of(h), 65_537));
+            }
+        }
+        assert!(
+            sharing > 30 && slots.len() * 10 >= sharing * 9,
+            "{sharing} {slots:?}"
+        );
     }
 
     #[test]
@@ -120,7 +176,7 @@ mod tests {
     fn hashes_are_fixed_across_builds() {
         // LB nodes running different builds must agree; a change here is a
         // change of every flow's backend and needs a release note.
-        assert_eq!(flow_hash(&key(40000)), 3_726_545_323);
+        assert_eq!(flow_hash(&key(40000)), 1_807_970_620);
         assert_eq!(bytes_hash64(b"10.200.0.11", 1), 9_687_822_144_928_667_373);
     }
 }

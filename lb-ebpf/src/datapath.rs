@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_table::{bucket_pair, buckets_for, key_words, same_key, slot_hash},
-    hash::{client_hash, flow_hash},
+    hash::{client_hash, flow_hash_of, ring_slot},
     ring_chunk_index, ring_chunks_for, Backend, Counters, FlowBucket, FlowKey, FlowSlot, FlowValue,
     Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSED, LAST_SEEN_GRANULARITY_NS,
@@ -459,6 +459,18 @@ fn follow(
     (id, backend, false)
 }
 
+/// The flow's hash for the VIP's ring: the client's (`affinity:
+/// client-ip`), else the flow's, taken from the slot hash that found its
+/// table buckets (`slot_hash`) rather than hashed again.
+#[inline(always)]
+fn ring_hash(vip: &VipInfo, flow: &FlowKey, slot_hash: u64) -> u32 {
+    if vip.flags & VIP_F_AFFINITY_CLIENT_IP != 0 {
+        client_hash(flow)
+    } else {
+        flow_hash_of(slot_hash)
+    }
+}
+
 /// Counts a close for an open flow a new one pushed out of a full bucket,
 /// on its backend if that is still the backend the flow was counted on.
 #[inline(always)]
@@ -475,14 +487,15 @@ fn count_evicted(old: &FlowSlot) {
 }
 
 /// Schedules a flow the table does not pin on the VIP's active Maglev
-/// ring and records it (`found`: `Missing` or `Replace`). Returns the
-/// backend and whether this packet made the flow (counted as a new flow).
-/// Nothing is written before the ring has answered, so a flow whose VIP
-/// has no backend right now keeps its entry as it was.
+/// ring by its `hash` (`ring_hash`) and records it (`found`: `Missing` or
+/// `Replace`). Returns the backend and whether this packet made the flow
+/// (counted as a new flow). Nothing is written before the ring has
+/// answered, so a flow whose VIP has no backend right now keeps its entry
+/// as it was.
 #[inline(always)]
 fn schedule(
     vip: &VipInfo,
-    flow: &FlowKey,
+    hash: u32,
     words: &[u64; 5],
     b: &Buckets,
     tcp_flags: u8,
@@ -493,15 +506,10 @@ fn schedule(
     // compiled-in defaults over the values the loader wrote.
     let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
     let ring_chunks = unsafe { core::ptr::read_volatile(&XLB_RING_CHUNKS) };
-    let hash = if vip.flags & VIP_F_AFFINITY_CLIENT_IP != 0 {
-        client_hash(flow)
-    } else {
-        flow_hash(flow)
-    };
     if ring_size == 0 {
         return Err(Reason::DropNoBackend);
     }
-    let slot = hash % ring_size;
+    let slot = ring_slot(hash, ring_size);
     let chunk = XLB_RINGS
         .get(ring_chunk_index(vip.id, vip.active_ring, ring_chunks, slot))
         .ok_or(Reason::DropNoBackend)?;
@@ -602,7 +610,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // entry's backend names its VIP). A flow whose backend is gone (VIP
     // removed, backend replaced) falls through to both like a new one.
     let words = key_words(&flow);
-    let pair = bucket_pair(slot_hash(&words), flow_buckets());
+    let flow_slot_hash = slot_hash(&words);
+    let pair = bucket_pair(flow_slot_hash, flow_buckets());
     // Unreachable: the loader sizes the map with the bucket count the pair
     // is computed from.
     let b = flows::buckets(&XLB_FLOWS, &pair).ok_or(Reason::DropBackendInvalid)?;
@@ -613,8 +622,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         } else {
             let bit = vip_filter(&vip_key)?;
             let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
+            let hash = ring_hash(&vip, &flow, flow_slot_hash);
             let (id, backend, new_flow) =
-                schedule(&vip, &flow, &words, &b, parsed.tcp_flags, now, found)?;
+                schedule(&vip, hash, &words, &b, parsed.tcp_flags, now, found)?;
             (id, backend, vip.id, new_flow)
         }
     };

@@ -14,7 +14,7 @@ use std::{net::IpAddr, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
-    hash::{client_hash, flow_hash},
+    hash::{client_hash, flow_hash, ring_slot},
     maglev, FlowKey, FlowValue, Reason, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
 };
 use xdplb::{
@@ -427,7 +427,7 @@ impl Harness {
             xdplb::config::Affinity::ClientIp => client_hash(flow),
             xdplb::config::Affinity::None => flow_hash(flow),
         };
-        table[(hash % RING_SIZE) as usize]
+        table[ring_slot(hash, RING_SIZE) as usize]
     }
 
     /// (id, generation) of a backend of `vip` that the ring would not pick
