@@ -246,25 +246,35 @@ pub struct FlowKey {
 /// `FlowValue::flags`: a FIN or RST was seen; the flow is counted as
 /// closed. Later packets (the last ACKs) still go to its backend; a SYN
 /// starts a new flow.
-pub const FLOW_F_CLOSED: u64 = 1;
+pub const FLOW_F_CLOSED: u16 = 1;
 
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes
 /// it: idle timeouts are seconds to minutes, so refreshing at most once a
 /// second keeps the write off most packets.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
-/// What the flow table keeps of a flow.
+/// What the flow table keeps of a flow: 16 bytes, so that a `FlowSlot` is
+/// one 64-byte cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    pub backend: u32,
+    /// Backend id (below `MAX_BACKENDS`).
+    pub backend: u16,
+    /// `FLOW_F_*` bits, written under the flow's bucket locks.
+    pub flags: u16,
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
     /// `XLB_CLOCK` (CLOCK_MONOTONIC ns, 250 ms steps) when a recent packet
     /// was seen, within `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
-    /// `FLOW_F_*` bits, written under the flow's bucket locks.
-    pub flags: u64,
+}
+
+impl FlowValue {
+    /// The backend id as the maps index it.
+    #[inline(always)]
+    pub const fn backend_id(&self) -> u32 {
+        self.backend as u32
+    }
 }
 
 /// Per-CPU counters of a VIP or a backend.
@@ -371,9 +381,11 @@ pub const FLOW_WAYS: u32 = 4;
 /// `FlowSlot::seq` bit of a bucket's first slot: the bucket's write lock.
 pub const FLOW_BUCKET_LOCK: u64 = 1 << 63;
 
-/// One slot of a `FlowBucket`. Every write to a bucket's slots (datapath
-/// or daemon) holds the bucket's lock, and every write bumps `seq` to odd
-/// before and to even after, so lockless readers can tell a torn read.
+/// One slot of a `FlowBucket`: one cache line (the table's values start
+/// page-aligned, as every mmapable array's do). Every write to a bucket's
+/// slots (datapath or daemon) holds the bucket's lock, and every write
+/// bumps `seq` to odd before and to even after, so lockless readers can
+/// tell a torn read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -386,7 +398,9 @@ pub struct FlowSlot {
 }
 
 /// One `XLB_FLOWS` array entry: `FLOW_WAYS` slots, reached through one map
-/// value pointer (one array lookup per bucket, not per slot). The table has
+/// value pointer (one array lookup per bucket, not per slot), each slot a
+/// cache line of its own: a lookup that stops at a bucket's first slot
+/// reads one line, a miss reads `FLOW_WAYS` per bucket. The table has
 /// `flow_table::buckets_for(flow_table_size)` of them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -395,14 +409,16 @@ pub struct FlowBucket {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<FlowSlot>() == 72);
-    assert!(core::mem::size_of::<FlowBucket>() == 72 * FLOW_WAYS as usize);
+    assert!(core::mem::size_of::<FlowSlot>() == 64);
+    assert!(core::mem::size_of::<FlowBucket>() == 64 * FLOW_WAYS as usize);
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<VipEntry>() == 36);
     assert!(core::mem::size_of::<Backend>() == 52);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowValue>() == 24);
+    assert!(core::mem::size_of::<FlowValue>() == 16);
+    // Backend ids fit `FlowValue::backend`.
+    assert!(MAX_BACKENDS <= 1 << 16);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
     assert!(RING_CHUNK_SLOTS.is_power_of_two());

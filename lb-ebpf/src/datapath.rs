@@ -389,7 +389,7 @@ fn close(words: &[u64; 5], b: &Buckets) {
             value.flags |= FLOW_F_CLOSED;
             // SAFETY: as above.
             unsafe { flows::write(slot, words, &value) };
-            count_closed(value.backend);
+            count_closed(value.backend_id());
         }
     }
     flows::unlock(b);
@@ -408,9 +408,9 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
     let closed = tracked.flags & FLOW_F_CLOSED != 0;
     if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // A new connection reusing a closed one's 5-tuple.
-        return Tracked::replace(seq, tracked.backend, false);
+        return Tracked::replace(seq, tracked.backend_id(), false);
     }
-    let Some(&backend) = XLB_BACKENDS.get(tracked.backend) else {
+    let Some(&backend) = XLB_BACKENDS.get(tracked.backend_id()) else {
         return Tracked::missing();
     };
     let replaced = backend.generation == 0 || backend.generation != tracked.generation;
@@ -421,7 +421,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
         if closed {
             return Tracked::missing();
         }
-        return Tracked::replace(seq, tracked.backend, !replaced);
+        return Tracked::replace(seq, tracked.backend_id(), !replaced);
     }
     if !closed && is_closing(tcp_flags) {
         close(words, b);
@@ -433,7 +433,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
     }
     Tracked {
         track: Track::Pinned,
-        id: tracked.backend,
+        id: tracked.backend_id(),
         seq,
         count_close: false,
         backend,
@@ -479,10 +479,10 @@ fn count_evicted(old: &FlowSlot) {
         return;
     }
     if XLB_BACKENDS
-        .get(old.value.backend)
+        .get(old.value.backend_id())
         .is_some_and(|b| b.generation == old.value.generation)
     {
-        count_closed(old.value.backend);
+        count_closed(old.value.backend_id());
     }
 }
 
@@ -523,7 +523,8 @@ fn schedule(
     }
     let closing = is_closing(tcp_flags);
     let value = FlowValue {
-        backend: id,
+        // Below MAX_BACKENDS: XLB_BACKENDS has an entry for it.
+        backend: id as u16,
         generation: backend.generation,
         last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },

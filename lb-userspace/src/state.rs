@@ -764,8 +764,8 @@ impl State {
                 summary.closed_removed += 1;
             } else {
                 summary.expired += 1;
-                if generations.get(&value.backend) == Some(&value.generation) {
-                    *expired.entry(value.backend).or_default() += 1;
+                if generations.get(&value.backend_id()) == Some(&value.generation) {
+                    *expired.entry(value.backend_id()).or_default() += 1;
                 }
             }
         }

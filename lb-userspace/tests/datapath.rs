@@ -447,7 +447,7 @@ impl Harness {
             .insert_flow(
                 flow,
                 &FlowValue {
-                    backend,
+                    backend: backend.try_into().expect("a backend id"),
                     generation,
                     last_seen_ns: xdplb::state::monotonic_ns(),
                     ..FlowValue::default()
@@ -966,7 +966,7 @@ fn first_packet_inserts_a_flow_and_counts_it_once() {
     );
     let flow = h.dp.flow(&flow4(CLIENT4, VIP4, 40000, 80, PROTO_TCP));
     assert_eq!(
-        flow.map(|f| (f.backend, f.generation, f.flags)),
+        flow.map(|f| (f.backend_id(), f.generation, f.flags)),
         Some((b1, gen, 0)),
         "flow entry inserted, open"
     );
@@ -1636,7 +1636,12 @@ fn a_new_flow_raced_on_two_cpus_is_counted_once() {
         let flow =
             h.dp.flow(&flow4(CLIENT4, VIP4, 10_000 + p, 80, PROTO_TCP))
                 .expect("each raced flow has its entry");
-        assert_eq!((flow.backend, flow.flags), (b1, 0), "port {}", 10_000 + p);
+        assert_eq!(
+            (flow.backend_id(), flow.flags),
+            (b1, 0),
+            "port {}",
+            10_000 + p
+        );
     }
     let (opened, closed) = opened_closed(&h, b1);
     assert_eq!(
@@ -1702,7 +1707,7 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
             h.dp.flow(&flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP))
                 .expect("the moved flow has an entry");
         assert_eq!(
-            (h.mac_of("three", flow.backend), flow.flags),
+            (h.mac_of("three", flow.backend_id()), flow.flags),
             (*mac, 0),
             "port {p}: moved, pinned where its packets went, open"
         );
@@ -1742,7 +1747,7 @@ fn a_flow_keeps_its_entry_while_its_vip_has_no_backend() {
         h.dp.flow(&flow4(CLIENT4, VIP4_THREE, port, 80, PROTO_TCP))
             .expect("entry kept");
     assert_eq!(
-        (flow.backend, flow.flags),
+        (flow.backend_id(), flow.flags),
         (b3, 0),
         "still open, still on b3"
     );
@@ -1806,7 +1811,7 @@ fn open_flows_pushed_out_of_a_full_table_count_as_closed() {
     let entries = h.dp.flows();
     let open = entries
         .iter()
-        .filter(|(_, v)| v.backend == b1 && v.flags & lb_common::FLOW_F_CLOSED == 0)
+        .filter(|(_, v)| v.backend_id() == b1 && v.flags & lb_common::FLOW_F_CLOSED == 0)
         .count() as u64;
     assert_eq!(opened, u64::from(flows), "every SYN made its flow");
     assert!(
