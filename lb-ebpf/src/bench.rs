@@ -28,8 +28,8 @@
 //! Map names and counter slots are mirrored in the host binary.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// flows.rs's bucket lock (see main.rs).
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// flows.rs's bucket lock and packet.rs's loads (see main.rs).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics, asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(internal_features, reason = "core_intrinsics, for the bucket lock")
@@ -40,6 +40,8 @@ fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod flows;
+#[cfg(target_arch = "bpf")]
+mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -57,7 +59,10 @@ mod programs {
         FlowBucket, FlowKey, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP,
     };
 
-    use crate::flows;
+    use crate::{
+        flows,
+        packet::{load16, load32},
+    };
     use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
     /// Slot 0: the program `xlb_bench_reset` hands each packet to.
@@ -181,14 +186,22 @@ mod programs {
         if unsafe { (*eth).ether_type } != ETH_P_IPV4_BE {
             return None;
         }
-        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-        let ports = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+        // The same loads as the load balancer's (packet.rs).
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? as *const u8;
+        let l4 = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)? as *const u8;
         // SAFETY: ptr_at checked bounds.
-        let (src, dst, proto, [src_port_be, dst_port_be]) =
-            unsafe { ((*ip).src_addr, (*ip).dst_addr, (*ip).proto, *ports) };
+        let (src, dst, proto, src_port_be, dst_port_be) = unsafe {
+            (
+                load32::<12>(ip),
+                load32::<16>(ip),
+                *ip.add(9),
+                load16::<0>(l4),
+                load16::<2>(l4),
+            )
+        };
         Some(FlowKey {
-            src: [u32::from_ne_bytes(src), 0, 0, 0],
-            dst: [u32::from_ne_bytes(dst), 0, 0, 0],
+            src: [src, 0, 0, 0],
+            dst: [dst, 0, 0, 0],
             src_port_be,
             dst_port_be,
             proto,

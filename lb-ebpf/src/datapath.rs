@@ -1,6 +1,9 @@
 use core::mem;
 
-use crate::flows::{self, Buckets, Found};
+use crate::{
+    flows::{self, Buckets, Found},
+    packet::{load16, load32},
+};
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -133,42 +136,26 @@ struct Parsed {
     tcp_flags: u8,
 }
 
-#[inline(always)]
-fn words4(b: [u8; 4]) -> [u32; 4] {
-    [u32::from_ne_bytes(b), 0, 0, 0]
-}
-
-#[inline(always)]
-fn words16(b: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-    ]
-}
-
 /// Reads the ports (and TCP flags) of a TCP or UDP header at `l4`,
 /// requiring the whole fixed header to be present.
 #[inline(always)]
 fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, u8), Reason> {
     if proto == PROTO_TCP {
-        let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
-        // SAFETY: ptr_at checked the header lies inside the packet; the
-        // flags are byte 13 of the fixed header.
-        let (s, d, flags) = unsafe { ((*tcp).source, (*tcp).dest, *(tcp as *const u8).add(13)) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d), flags))
+        let tcp = ptr_at::<TcpHdr>(ctx, l4)? as *const u8;
+        // SAFETY: ptr_at checked the header lies inside the packet: ports
+        // at 0 and 2, the flags are byte 13.
+        unsafe { Ok((load16::<0>(tcp), load16::<2>(tcp), *tcp.add(13))) }
     } else {
-        let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
-        // SAFETY: as above.
-        let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d), 0))
+        let udp = ptr_at::<UdpHdr>(ctx, l4)? as *const u8;
+        // SAFETY: as above; ports at 0 and 2.
+        unsafe { Ok((load16::<0>(udp), load16::<2>(udp), 0)) }
     }
 }
 
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+    let raw = ip as *const u8;
     // SAFETY: ptr_at checked the fixed header lies inside the packet.
     let ip = unsafe { &*ip };
     if ip.vihl >> 4 != 4 {
@@ -181,7 +168,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     // Fragments are never load balanced: later fragments carry no ports, and
     // all fragments of a datagram must take the same path. The kernel gets
     // them (and reassembles, or drops them: it does not own the VIP).
-    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+    // SAFETY: inside the fixed header (the flags and fragment offset).
+    if u16::from_be(unsafe { load16::<6>(raw) }) & IPV4_MF_OR_OFFSET != 0 {
         return Err(Reason::PassIpv4Fragment);
     }
     let proto = ip.proto;
@@ -192,8 +180,9 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + ihl * 4, proto)?;
     Ok(Parsed {
         flow: FlowKey {
-            src: words4(ip.src_addr),
-            dst: words4(ip.dst_addr),
+            // SAFETY: inside the fixed header (the addresses).
+            src: [unsafe { load32::<12>(raw) }, 0, 0, 0],
+            dst: [unsafe { load32::<16>(raw) }, 0, 0, 0],
             src_port_be,
             dst_port_be,
             proto,
@@ -218,6 +207,7 @@ fn is_ipv6_extension(next: u8) -> bool {
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
+    let raw = ip as *const u8;
     // SAFETY: ptr_at checked the header lies inside the packet.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
@@ -235,8 +225,23 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + Ipv6Hdr::LEN, proto)?;
     Ok(Parsed {
         flow: FlowKey {
-            src: words16(&ip.src_addr),
-            dst: words16(&ip.dst_addr),
+            // SAFETY: inside the header (the addresses, bytes 8..40).
+            src: unsafe {
+                [
+                    load32::<8>(raw),
+                    load32::<12>(raw),
+                    load32::<16>(raw),
+                    load32::<20>(raw),
+                ]
+            },
+            dst: unsafe {
+                [
+                    load32::<24>(raw),
+                    load32::<28>(raw),
+                    load32::<32>(raw),
+                    load32::<36>(raw),
+                ]
+            },
             src_port_be,
             dst_port_be,
             proto,

@@ -9,8 +9,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The flow table's bucket lock is a compare-and-swap on a map value field;
 // core::sync::atomic does not offer it on the BPF target, the intrinsic is
-// BPF_CMPXCHG. aya-build always compiles this crate with nightly.
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// BPF_CMPXCHG. Packet fields are read with inline BPF assembly (packet.rs).
+// aya-build always compiles this crate with nightly.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics, asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(internal_features, reason = "core_intrinsics, for the bucket lock")
@@ -23,6 +24,8 @@ fn main() {}
 mod datapath;
 #[cfg(target_arch = "bpf")]
 mod flows;
+#[cfg(target_arch = "bpf")]
+mod packet;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
