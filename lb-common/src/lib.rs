@@ -415,6 +415,9 @@ const _: () = {
     assert!(core::mem::size_of::<VipInfo>() == 16);
     assert!(core::mem::size_of::<VipEntry>() == 36);
     assert!(core::mem::size_of::<Backend>() == 52);
+    // The datapath copies the MACs into the frame as one 12-byte run.
+    assert!(core::mem::offset_of!(Backend, dst_mac) == 0);
+    assert!(core::mem::offset_of!(Backend, src_mac) == 6);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowValue>() == 16);
     // Backend ids fit `FlowValue::backend`.

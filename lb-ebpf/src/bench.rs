@@ -41,6 +41,7 @@ fn main() {}
 #[cfg(target_arch = "bpf")]
 mod flows;
 #[cfg(target_arch = "bpf")]
+#[allow(dead_code, reason = "the bench programs only read packet fields")]
 mod packet;
 
 #[cfg(target_arch = "bpf")]

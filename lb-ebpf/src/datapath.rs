@@ -2,7 +2,7 @@ use core::mem;
 
 use crate::{
     flows::{self, Buckets, Found},
-    packet::{load16, load32},
+    packet::{load16, load32, load64, store32, store64},
 };
 use aya_ebpf::{
     bindings::{
@@ -297,7 +297,12 @@ struct Tracked {
     id: u32,
     seq: u64,
     count_close: bool,
-    backend: Backend,
+    /// The `XLB_BACKENDS` value of `id` when `Pinned`, else null. A map
+    /// value pointer, not a copy of the 52-byte entry: the path reads the
+    /// few fields it needs where it needs them. (A daemon update of the
+    /// entry is an in-place copy either way, so a packet racing it could
+    /// see a mix of old and new fields with a copy too.)
+    backend: *const Backend,
 }
 
 impl Tracked {
@@ -308,7 +313,7 @@ impl Tracked {
             id: 0,
             seq: 0,
             count_close: false,
-            backend: Backend::default(),
+            backend: core::ptr::null(),
         }
     }
 
@@ -319,7 +324,7 @@ impl Tracked {
             id,
             seq,
             count_close,
-            backend: Backend::default(),
+            backend: core::ptr::null(),
         }
     }
 }
@@ -370,6 +375,12 @@ fn vip_info(key: &VipKey, filter_slot: u32) -> Option<VipInfo> {
     same_key(&vip_words(&entry.key), &vip_words(key)).then_some(entry.info)
 }
 
+/// `XLB_CLOCK`: CLOCK_MONOTONIC ns as the daemon last wrote it.
+#[inline(always)]
+fn clock() -> u64 {
+    XLB_CLOCK.get(0).copied().unwrap_or(0)
+}
+
 /// The flow table's bucket count (a read-only global the loader sets).
 #[inline(always)]
 fn flow_buckets() -> u32 {
@@ -401,7 +412,7 @@ fn close(words: &[u64; 5], b: &Buckets) {
 }
 
 #[inline(always)]
-fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tracked {
+fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     let Found {
         slot,
         seq,
@@ -415,7 +426,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
         // A new connection reusing a closed one's 5-tuple.
         return Tracked::replace(seq, tracked.backend_id(), false);
     }
-    let Some(&backend) = XLB_BACKENDS.get(tracked.backend_id()) else {
+    let Some(backend) = XLB_BACKENDS.get(tracked.backend_id()) else {
         return Tracked::missing();
     };
     let replaced = backend.generation == 0 || backend.generation != tracked.generation;
@@ -431,6 +442,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
     if !closed && is_closing(tcp_flags) {
         close(words, b);
     }
+    let now = clock();
     if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         // SAFETY: valid map value pointer; the one lockless write (see
         // flows.rs).
@@ -441,7 +453,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8, now: u64) -> Tr
         id: tracked.backend_id(),
         seq,
         count_close: false,
-        backend,
+        backend: backend as *const Backend,
     }
 }
 
@@ -452,10 +464,9 @@ fn follow(
     words: &[u64; 5],
     b: &Buckets,
     tcp_flags: u8,
-    now: u64,
-    ring: (u32, Backend),
-) -> (u32, Backend, bool) {
-    let t = tracked_backend(words, b, tcp_flags, now);
+    ring: (u32, *const Backend),
+) -> (u32, *const Backend, bool) {
+    let t = tracked_backend(words, b, tcp_flags);
     let (id, backend) = if t.track == Track::Pinned {
         (t.id, t.backend)
     } else {
@@ -504,9 +515,8 @@ fn schedule(
     words: &[u64; 5],
     b: &Buckets,
     tcp_flags: u8,
-    now: u64,
     found: Tracked,
-) -> Result<(u32, Backend, bool), Reason> {
+) -> Result<(u32, *const Backend, bool), Reason> {
     // SAFETY: read-only globals; volatile so the compiler does not fold the
     // compiled-in defaults over the values the loader wrote.
     let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
@@ -522,7 +532,7 @@ fn schedule(
     if id == EMPTY_SLOT {
         return Err(Reason::DropNoBackend);
     }
-    let backend = *XLB_BACKENDS.get(id).ok_or(Reason::DropBackendInvalid)?;
+    let backend = XLB_BACKENDS.get(id).ok_or(Reason::DropBackendInvalid)?;
     if backend.generation == 0 {
         return Err(Reason::DropBackendInvalid);
     }
@@ -531,14 +541,14 @@ fn schedule(
         // Below MAX_BACKENDS: XLB_BACKENDS has an entry for it.
         backend: id as u16,
         generation: backend.generation,
-        last_seen_ns: now,
+        last_seen_ns: clock(),
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
     if !flows::lock(b) {
         // Contended past the bound: the ring's answer (the same until the
         // backend set changes), unrecorded and uncounted; the flow's next
         // packet tries again.
-        return Ok((id, backend, false));
+        return Ok((id, backend as *const Backend, false));
     }
     let made = match flows::find_locked(b, words) {
         // SAFETY (seq_of, write): a valid map value pointer in the bucket
@@ -565,12 +575,12 @@ fn schedule(
     };
     flows::unlock(b);
     if !made {
-        return Ok(follow(words, b, tcp_flags, now, (id, backend)));
+        return Ok(follow(words, b, tcp_flags, (id, backend as *const Backend)));
     }
     if closing {
         count_closed(id);
     }
-    Ok((id, backend, true))
+    Ok((id, backend as *const Backend, true))
 }
 
 #[inline(always)]
@@ -609,7 +619,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
             Reason::PassNotVip
         });
     }
-    let now = XLB_CLOCK.get(0).copied().unwrap_or(0);
 
     // The flow table first: an established flow needs neither the VIP
     // filter nor a VIP lookup (only VIP traffic makes entries, and an
@@ -622,15 +631,21 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // is computed from.
     let b = flows::buckets(&XLB_FLOWS, &pair).ok_or(Reason::DropBackendInvalid)?;
     let (id, backend, vip_id, new_flow) = {
-        let found = tracked_backend(&words, &b, parsed.tcp_flags, now);
+        let found = tracked_backend(&words, &b, parsed.tcp_flags);
         if found.track == Track::Pinned {
-            (found.id, found.backend, found.backend.vip_id, false)
+            // SAFETY: a map value pointer (Pinned).
+            (
+                found.id,
+                found.backend,
+                unsafe { (*found.backend).vip_id },
+                false,
+            )
         } else {
             let bit = vip_filter(&vip_key)?;
             let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
             let hash = ring_hash(&vip, &flow, flow_slot_hash);
             let (id, backend, new_flow) =
-                schedule(&vip, hash, &words, &b, parsed.tcp_flags, now, found)?;
+                schedule(&vip, hash, &words, &b, parsed.tcp_flags, found)?;
             (id, backend, vip.id, new_flow)
         }
     };
@@ -640,9 +655,17 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // L2 DSR: only the MACs change; the backend owns the VIP on a loopback
     // and answers the client directly.
     // SAFETY: bounds were checked at the top; the pointer is still valid.
+    // SAFETY: a map value pointer (every path that gets here has one).
+    let backend = unsafe { &*backend };
+    // The backend entry begins with the two MACs in frame order
+    // (`Backend::dst_mac`, `src_mac`): 12 bytes copied as 8 + 4.
+    // SAFETY: both ranges were bounds-checked (the Ethernet header; the
+    // map value).
     unsafe {
-        (*eth).dst_addr = backend.dst_mac;
-        (*eth).src_addr = backend.src_mac;
+        let from = core::ptr::from_ref(backend).cast::<u8>();
+        let to = eth.cast::<u8>();
+        store64::<0>(to, load64::<0>(from));
+        store32::<8>(to, load32::<8>(from));
     }
     let action = if backend.ifindex == ctx.ingress_ifindex() as u32 {
         XDP_TX

@@ -1,5 +1,5 @@
-//! Multi-byte packet fields read with one load each (shared by the
-//! datapath and the bench floors).
+//! Multi-byte packet fields read and written with one instruction each
+//! (shared by the datapath and the bench floors).
 //!
 //! Header fields are byte arrays (network-types), and LLVM's BPF backend
 //! turns a 4-byte read it cannot prove aligned into four byte loads, three
@@ -54,4 +54,61 @@ pub unsafe fn load16<const OFF: i16>(p: *const u8) -> u16 {
         );
     }
     v as u16
+}
+
+/// The 8 bytes at `p + OFF`, as `load32` (also used on map values, where
+/// Rust cannot know a value's alignment either).
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 8` is inside the packet or a map value.
+#[inline(always)]
+pub unsafe fn load64<const OFF: i16>(p: *const u8) -> u64 {
+    let v: u64;
+    // SAFETY: as in `load32`.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u64 *)({p} + {off})",
+            v = lateout(reg) v,
+            p = in(reg) p,
+            off = const OFF,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    v
+}
+
+/// Writes `v` (as it lies in memory) to the 8 bytes at `p + OFF`.
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 8` is inside the packet, as for `load32`.
+#[inline(always)]
+pub unsafe fn store64<const OFF: i16>(p: *mut u8, v: u64) {
+    // SAFETY: the caller's bounds check.
+    unsafe {
+        core::arch::asm!(
+            "*(u64 *)({p} + {off}) = {v}",
+            v = in(reg) v,
+            p = in(reg) p,
+            off = const OFF,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// `store64`, 4 bytes.
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 4` is inside the packet.
+#[inline(always)]
+pub unsafe fn store32<const OFF: i16>(p: *mut u8, v: u32) {
+    // SAFETY: as in `store64`.
+    unsafe {
+        core::arch::asm!(
+            "*(u32 *)({p} + {off}) = {v}",
+            v = in(reg) u64::from(v),
+            p = in(reg) p,
+            off = const OFF,
+            options(nostack, preserves_flags),
+        );
+    }
 }
