@@ -379,7 +379,7 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      here, {} ns more than (d); xdplb's whole established path adds {} ns to \
                      it (backend entry, counters, rewrite). One insert costs {} ns; \
                      xdplb's new-flow path adds {} ns to it (the lookup that missed, the \
-                     VIP filter and entry, flow hash, Maglev slot, backend entry, counters).\n\n\
+                     VIP filter and entry, Maglev slot, backend entry, counters).\n\n\
                      (bM) is the memory under (b0): the same key, one 8-byte read of each of \
                      its two buckets in the same table and nothing else, {} ns. That is what \
                      reading two random places of a table this size costs on this machine \
@@ -407,8 +407,9 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                 "\n(b) sends a TCP SYN with a fresh source address and port each time: a \
                  flow-table miss, the VIP's entry (two array reads: index slot, then entry \
                  by id; no hash lookup), a Maglev lookup and an insert into the flow table \
-                 sized for 2^20 flows (2^21 slots in buckets of 4; a packet looks its two \
-                 buckets up once and reaches their slots through those two pointers). The reset \
+                 sized for 2^20 flows (2^21 slots of one 64-byte cache line each, in buckets \
+                 of 4; a packet looks its two buckets up once and reaches their slots through \
+                 those two pointers; the Maglev slot comes from the same hash). The reset \
                  step that rewrites the packet ({} ns) is measured alone and subtracted from \
                  the raw figure ({} ns). {}\n",
                 f(k.reset_ns, 0),
