@@ -53,10 +53,11 @@ pub fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
     ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
 }
 
-/// Bucket hash: four 64-bit multiplies; each half picks one bucket.
-/// Fixed across builds: a restarted daemon adopts the table its
-/// predecessor filled, and a changed hash would look every flow up in the
-/// wrong buckets.
+/// Bucket hash: four 64-bit multiplies; each half picks one bucket, and
+/// `hash::flow_hash_of` takes a new flow's ring slot from it. Fixed across
+/// builds: a restarted daemon adopts the table its predecessor filled (a
+/// changed hash would look every flow up in the wrong buckets), and nodes
+/// of one VIP must place new flows alike.
 #[inline(always)]
 pub fn slot_hash(w: &[u64; 5]) -> u64 {
     let mut h = (w[0] ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xff51_afd7_ed55_8ccd);

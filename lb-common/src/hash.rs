@@ -40,9 +40,12 @@ const fn finish(mut h: u32, len_words: u32) -> u32 {
 /// on its own. The datapath has that hash already (it found the flow's
 /// table buckets with it), so a new flow pays no second hash over its
 /// 40-byte key. `ring_slot` reads mostly the top bits of the value: here
-/// the low 16 bits of the slot hash, the bits the bucket choice (the top
-/// bits of each half) reads least, so flows that share a bucket still
-/// spread over the ring.
+/// the low 16 bits of the slot hash, which the bucket choice (the top
+/// bits of each half) does not read in tables of up to 2^16 buckets, so
+/// flows that share a bucket spread over the whole ring. In larger tables
+/// the two share a few bits (3 at the default 500,000 buckets) and flows
+/// that share a bucket land in a part of the ring; no backend's share of
+/// all flows changes.
 #[inline(always)]
 pub fn flow_hash_of(slot_hash: u64) -> u32 {
     slot_hash.rotate_left(16) as u32

@@ -299,9 +299,13 @@ struct Tracked {
     count_close: bool,
     /// The `XLB_BACKENDS` value of `id` when `Pinned`, else null. A map
     /// value pointer, not a copy of the 52-byte entry: the path reads the
-    /// few fields it needs where it needs them. (A daemon update of the
-    /// entry is an in-place copy either way, so a packet racing it could
-    /// see a mix of old and new fields with a copy too.)
+    /// few fields it needs where it needs them. A daemon update of the
+    /// entry is an in-place copy, so a packet racing one could see old and
+    /// new fields with a copy too; here the window runs from the generation
+    /// check to the rewrite (tens of ns). What it can do: when an id is
+    /// reused for a new backend in that window, one packet of a flow whose
+    /// backend was just removed goes to the new backend's MAC. Its next
+    /// packet is rescheduled, as every flow of a removed backend is.
     backend: *const Backend,
 }
 
@@ -654,7 +658,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
 
     // L2 DSR: only the MACs change; the backend owns the VIP on a loopback
     // and answers the client directly.
-    // SAFETY: bounds were checked at the top; the pointer is still valid.
     // SAFETY: a map value pointer (every path that gets here has one).
     let backend = unsafe { &*backend };
     // The backend entry begins with the two MACs in frame order

@@ -258,7 +258,10 @@ impl Daemon {
             // nothing attached is left without a daemon. An adopted one keeps
             // serving as its predecessor left it.
             Err(e) if dp.adopted() => {
-                return Err(e.context("the adopted datapath keeps serving (attached and pinned)"))
+                if let Err(u) = dp.abandon_migration() {
+                    tracing::error!("putting the older flow table's pin back: {u}");
+                }
+                return Err(e.context("the adopted datapath keeps serving (attached and pinned)"));
             }
             Err(e) => {
                 if let Err(u) = dp.unpin() {
@@ -311,6 +314,17 @@ impl Daemon {
             .map_err(|f| f.error)
             .context("programming the initial configuration")?;
         let how = dp.attach(&cfg.interface, mode)?;
+        if let Some(m) = dp
+            .finish_migration()
+            .context("finishing the flow table's migration")?
+        {
+            tracing::info!(
+                "flow table migrated: {} more flows the older program made meanwhile copied \
+                 too, {} left out (both buckets full; their next packet is scheduled anew)",
+                m.late,
+                m.dropped
+            );
+        }
         let actual = attached_mode(&cfg.interface, how, mode);
         let mut attached = vec![(cfg.interface.clone(), actual)];
         attached.extend(egress);

@@ -27,7 +27,7 @@ use lb_common::{vip_index_slot, VipEntry, VIP_INDEX_SHARED, VIP_INDEX_SLOTS};
 
 use crate::{
     config::{DatapathSettings, XdpMode},
-    flows::{FlowTable, FlowTableError},
+    flows::{FlowTable, FlowTableError, LegacyTable, LEGACY_BUCKET_BYTES},
 };
 
 /// The compiled XDP object, built by build.rs through aya-build.
@@ -166,6 +166,9 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
     flows: FlowTable,
+    /// A pinned flow table of the older layout found by `load`, until
+    /// `finish_migration`.
+    legacy: Option<Legacy>,
     tx_ports: DevMap<MapData>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -194,6 +197,7 @@ impl Dataplane {
         let chunks = ring_chunks_for(settings.ring_size);
         let buckets = buckets_for(settings.flow_table_size);
         let mut adopted = false;
+        let mut legacy = None;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::RING_SIZE, &settings.ring_size, true)
@@ -212,13 +216,33 @@ impl Dataplane {
             for name in maps::ALL {
                 let path = dir.join(name);
                 if path.exists() {
-                    check_pinned(&path, dir, expected_layout(name, &settings))?;
+                    if name == maps::FLOWS {
+                        legacy = open_legacy_flows(&path, buckets)?;
+                    }
+                    if legacy.is_none() || name != maps::FLOWS {
+                        check_pinned(&path, dir, expected_layout(name, &settings))?;
+                    }
                     adopted = true;
                 }
                 loader.map_pin_path(name, path);
             }
         }
-        let mut ebpf = loader.load(OBJECT)?;
+        // The older table's pin moves aside (not away: a failed load puts
+        // it back), so the loader pins a new table in its place.
+        if let Some(l) = &legacy {
+            rename_pin(&l.moved_from, &l.pin)?;
+        }
+        let mut ebpf = match loader.load(OBJECT) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                if let Some(l) = &legacy {
+                    if let Err(r) = rename_pin(&l.pin, &l.moved_from) {
+                        tracing::error!("putting the older flow table's pin back: {r}");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         let program: &mut Xdp = ebpf
             .program_mut(programs::LB)
             .ok_or(DataplaneError::MissingProgram(programs::LB))?
@@ -244,6 +268,7 @@ impl Dataplane {
             backends: take_map!(ebpf, maps::BACKENDS),
             rings: take_map!(ebpf, maps::RINGS),
             flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), buckets)?,
+            legacy: None,
             tx_ports: take_map!(ebpf, maps::TX_PORTS),
             vip_stats: take_map!(ebpf, maps::VIP_STATS),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
@@ -254,7 +279,53 @@ impl Dataplane {
             ebpf,
         };
         dp.sync_vip_index()?;
+        if let Some(l) = legacy {
+            // Nothing reads the new table yet: every flow goes to its slot.
+            let flows = l.table.flows();
+            let copied = dp.flows.place(&flows)?;
+            tracing::info!(
+                "copied {copied} of {} flows from the pinned flow table of 72-byte slots \
+                 ({}) into the new one",
+                flows.len(),
+                l.pin.display()
+            );
+            dp.legacy = Some(l);
+        }
         Ok(dp)
+    }
+
+    /// After an adopted start that found a flow table of the older layout
+    /// (`LegacyTable`), once every link runs this program: copies the flows
+    /// the older program made since `load` copied the table (those this
+    /// program has not made itself meanwhile), then removes the older
+    /// table's pin. `None` if there was nothing to migrate.
+    pub fn finish_migration(&mut self) -> Result<Option<Migration>, DataplaneError> {
+        let Some(l) = self.legacy.take() else {
+            return Ok(None);
+        };
+        let mut m = Migration::default();
+        for (_, key, value) in l.table.flows() {
+            match self.flows.insert_new(&key, &value) {
+                Ok(true) => m.late += 1,
+                Ok(false) => {}
+                Err(FlowTableError::BucketFull { .. }) => m.dropped += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        remove_pin(&l.pin)?;
+        Ok(Some(m))
+    }
+
+    /// Undoes the pin move of a migrating load that will not finish (the
+    /// start failed before `finish_migration`): the older table's pin goes
+    /// back where it was, in place of the new table's, for the program that
+    /// still uses it.
+    pub fn abandon_migration(&mut self) -> Result<(), DataplaneError> {
+        if let Some(l) = self.legacy.take() {
+            remove_pin(&l.moved_from)?;
+            rename_pin(&l.pin, &l.moved_from)?;
+        }
+        Ok(())
     }
 
     /// Makes `XLB_VIP_INDEX` and `XLB_VIP_BY_ID` match `XLB_VIPS`: empty
@@ -716,6 +787,55 @@ fn check_pinned(
         }
     }
     Ok(())
+}
+
+/// What `finish_migration` did after `load` copied the older table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// Flows the older program made after the first copy, copied now.
+    pub late: usize,
+    /// Flows that found both their buckets full (the new program had
+    /// filled them meanwhile): their next packet is scheduled anew.
+    pub dropped: usize,
+}
+
+/// A pinned flow table of the older layout, moved aside during a load.
+struct Legacy {
+    table: LegacyTable,
+    /// Where its pin was (`XLB_FLOWS`), and where it is now.
+    moved_from: PathBuf,
+    pin: PathBuf,
+}
+
+/// The pinned flow table at `path` if it has the older layout
+/// (`LEGACY_BUCKET_BYTES` per entry) and this configuration's bucket
+/// count; `None` for anything else (which `check_pinned` then judges).
+fn open_legacy_flows(path: &Path, buckets: u32) -> Result<Option<Legacy>, DataplaneError> {
+    let opened = |source| DataplaneError::Map {
+        context: format!("opening pinned map {}", path.display()),
+        source,
+    };
+    let info = MapInfo::from_pin(path).map_err(opened)?;
+    if (info.key_size(), info.value_size(), info.max_entries()) != (4, LEGACY_BUCKET_BYTES, buckets)
+    {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(path).map_err(opened)?;
+    let mut pin = path.as_os_str().to_owned();
+    // bpffs names take no dots.
+    pin.push("_72_BYTE_SLOTS");
+    Ok(Some(Legacy {
+        table: LegacyTable::new(map, buckets)?,
+        moved_from: path.to_path_buf(),
+        pin: PathBuf::from(pin),
+    }))
+}
+
+fn rename_pin(from: &Path, to: &Path) -> Result<(), DataplaneError> {
+    std::fs::rename(from, to).map_err(|source| DataplaneError::Pin {
+        context: format!("moving pin {} to {}", from.display(), to.display()),
+        source,
+    })
 }
 
 fn remove_pin(path: &Path) -> Result<(), DataplaneError> {

@@ -264,6 +264,52 @@ impl FlowTable {
         })
     }
 
+    /// Copies flows into the slots they held in a table with the same
+    /// addressing (bucket, way), here empty and not yet read by a program;
+    /// returns how many it copied (a slot already in use keeps its flow).
+    pub fn place(
+        &self,
+        flows: &[((u32, u32), FlowKey, FlowValue)],
+    ) -> Result<usize, FlowTableError> {
+        let mut copied = 0;
+        for &((bucket, way), key, value) in flows {
+            let index = slot_index((bucket, way));
+            let free = self.locked([bucket, bucket], || {
+                // SAFETY: in bounds, under the lock.
+                let free =
+                    unsafe { ptr::read_volatile(&raw const (*self.slot(index)).key.family) == 0 };
+                if free {
+                    self.write_locked(index, &key, &value);
+                }
+                free
+            })?;
+            copied += usize::from(free);
+        }
+        Ok(copied)
+    }
+
+    /// Writes `key`'s entry into an empty slot of its buckets unless they
+    /// hold it already: `Ok(false)` then, and the entry there stays.
+    pub fn insert_new(&self, key: &FlowKey, value: &FlowValue) -> Result<bool, FlowTableError> {
+        let pair = self.pair(key);
+        self.locked(pair, || {
+            if self.index_locked(pair, key).is_some() {
+                return Ok(false);
+            }
+            let free = Self::candidates(pair).find(|&i| {
+                // SAFETY: in bounds, under the lock.
+                unsafe { ptr::read_volatile(&raw const (*self.slot(i)).key.family) == 0 }
+            });
+            match free {
+                Some(i) => {
+                    self.write_locked(i, key, value);
+                    Ok(true)
+                }
+                None => Err(FlowTableError::BucketFull { bucket: pair[0] }),
+            }
+        })?
+    }
+
     /// Writes `key`'s entry: over its slot, else into an empty one of its
     /// buckets. (The datapath evicts when both are full; the daemon writes
     /// entries only in tests and never evicts.)
@@ -291,5 +337,142 @@ impl Drop for FlowTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, not used after this.
         unsafe { libc::munmap(self.base.as_ptr().cast(), mapping_len(self.buckets)) };
+    }
+}
+
+/// Bytes of a `XLB_FLOWS` entry (a bucket of 4 slots of 72 bytes) in
+/// builds before the flow table's slots became one 64-byte cache line.
+/// A daemon adopting such a table migrates it (see `LegacyTable`).
+pub const LEGACY_BUCKET_BYTES: u32 = 288;
+/// Byte offsets in a slot of that layout: `seq` u64 at 0 (bit 63 of a
+/// bucket's first slot was its lock, as now), the 40-byte key at 8, then
+/// backend u32, generation u32, last_seen_ns u64 and flags u64.
+const LEGACY_SLOT_BYTES: usize = 72;
+const LEGACY_KEY: usize = 8;
+const LEGACY_BACKEND: usize = 48;
+const LEGACY_GENERATION: usize = 52;
+const LEGACY_LAST_SEEN: usize = 56;
+const LEGACY_FLAGS: usize = 64;
+
+/// A flow table of the 72-byte-slot layout, mapped read-only: what a
+/// daemon of this build copies into its own table when it adopts the pins
+/// of an older one. Its addressing (bucket count for a flow table size,
+/// `slot_hash`, `bucket_pair`, ways) is the current one, so every flow
+/// goes to the same bucket and way.
+pub struct LegacyTable {
+    /// Keeps the map (and so the mapping's object) alive.
+    _map: MapData,
+    base: NonNull<u8>,
+    buckets: u32,
+}
+
+// SAFETY: a read-only mapping owned by this value.
+unsafe impl Send for LegacyTable {}
+
+impl LegacyTable {
+    /// Maps `map` (`buckets` entries of `LEGACY_BUCKET_BYTES`) read-only.
+    pub fn new(map: MapData, buckets: u32) -> Result<Self, FlowTableError> {
+        let bytes = buckets as usize * LEGACY_BUCKET_BYTES as usize;
+        // SAFETY: a fresh read-only shared mapping of the map's fd, unmapped
+        // in Drop.
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(FlowTableError::Mmap {
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(addr.cast::<u8>()).ok_or(FlowTableError::Mmap {
+            bytes,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Self {
+            _map: map,
+            base,
+            buckets,
+        })
+    }
+
+    /// Every flow with its (bucket, way), each read whole (the seqlock
+    /// pattern: a slot a writer keeps tearing is left out; a program still
+    /// writing this table is why `Dataplane::finish_migration` reads it a
+    /// second time).
+    pub fn flows(&self) -> Vec<((u32, u32), FlowKey, FlowValue)> {
+        let mut out = Vec::new();
+        for bucket in 0..self.buckets {
+            for way in 0..FLOW_WAYS {
+                if let Some((key, value)) = self.read(bucket, way) {
+                    out.push(((bucket, way), key, value));
+                }
+            }
+        }
+        out
+    }
+
+    fn read(&self, bucket: u32, way: u32) -> Option<(FlowKey, FlowValue)> {
+        let offset =
+            bucket as usize * LEGACY_BUCKET_BYTES as usize + way as usize * LEGACY_SLOT_BYTES;
+        // SAFETY: inside the mapping (bucket < buckets, way < FLOW_WAYS);
+        // slots start 8-byte aligned (the mapping is page-aligned and 72 is
+        // a multiple of 8), so every field below is aligned for its type.
+        let slot = unsafe { self.base.as_ptr().add(offset) };
+        // SAFETY: as above; the program changes seq atomically or under
+        // the bucket lock.
+        let seq = unsafe { AtomicU64::from_ptr(slot.cast::<u64>()) };
+        for _ in 0..READ_TRIES {
+            let before = seq.load(Ordering::Acquire) & !FLOW_BUCKET_LOCK;
+            if before & 1 == 0 {
+                // SAFETY: as above; a torn copy is thrown away below.
+                let (key, backend, generation, last_seen_ns, flags) = unsafe {
+                    (
+                        ptr::read_volatile(slot.add(LEGACY_KEY).cast::<FlowKey>()),
+                        ptr::read_volatile(slot.add(LEGACY_BACKEND).cast::<u32>()),
+                        ptr::read_volatile(slot.add(LEGACY_GENERATION).cast::<u32>()),
+                        ptr::read_volatile(slot.add(LEGACY_LAST_SEEN).cast::<u64>()),
+                        ptr::read_volatile(slot.add(LEGACY_FLAGS).cast::<u64>()),
+                    )
+                };
+                fence(Ordering::Acquire);
+                if seq.load(Ordering::Relaxed) & !FLOW_BUCKET_LOCK != before {
+                    spin_loop();
+                    continue;
+                }
+                // An empty slot, or a backend id no build could have made.
+                let backend = u16::try_from(backend).ok()?;
+                return (key.family != 0).then_some((
+                    key,
+                    FlowValue {
+                        backend,
+                        // FLOW_F_* bits kept their values.
+                        flags: flags as u16,
+                        generation,
+                        last_seen_ns,
+                    },
+                ));
+            }
+            spin_loop();
+        }
+        None
+    }
+}
+
+impl Drop for LegacyTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.buckets as usize * LEGACY_BUCKET_BYTES as usize,
+            )
+        };
     }
 }

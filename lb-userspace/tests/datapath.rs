@@ -1474,6 +1474,205 @@ fn a_restarted_daemon_adopts_pinned_maps() {
     assert!(!dir.exists(), "pins removed");
 }
 
+/// A flow table of the layout before 64-byte slots (`LEGACY_BUCKET_BYTES`
+/// per bucket: 4 slots of 72 bytes), made the way an older daemon's
+/// program made it: an mmapable array, pinned at `path`, `flows` written
+/// at their (bucket, way). Returns the writable mapping and its length.
+fn pin_legacy_table(
+    path: &std::path::Path,
+    buckets: u32,
+    flows: &[((u32, u32), FlowKey, FlowValue)],
+) -> (*mut u8, usize) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bucket_bytes = xdplb::flows::LEGACY_BUCKET_BYTES;
+    // BPF_MAP_CREATE: map_type ARRAY (2), key 4, value, max entries,
+    // map_flags BPF_F_MMAPABLE; the rest of the attribute zero.
+    let mut attr = [0u32; 32];
+    attr[..5].copy_from_slice(&[2, 4, bucket_bytes, buckets, 1 << 10]);
+    // SAFETY: a zero-padded bpf_attr for BPF_MAP_CREATE (cmd 0).
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = fd as i32;
+    let len = (buckets * bucket_bytes) as usize;
+    // SAFETY: a shared mapping of the new map, as long as the map.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(
+        base,
+        libc::MAP_FAILED,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    let base = base.cast::<u8>();
+    for &(at, key, value) in flows {
+        write_legacy_slot(base, at, &key, &value);
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // BPF_OBJ_PIN (cmd 6): pathname, bpf_fd.
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: a zero-padded bpf_attr for BPF_OBJ_PIN.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our fd; the pin and the mapping keep the map.
+    unsafe { libc::close(fd) };
+    (base, len)
+}
+
+/// Writes one slot of the older layout: seq 2 (even: written), the key at
+/// 8, backend u32 at 48, generation u32 at 52, last_seen_ns u64 at 56,
+/// flags u64 at 64.
+fn write_legacy_slot(base: *mut u8, (bucket, way): (u32, u32), key: &FlowKey, v: &FlowValue) {
+    let slot = bucket as usize * 288 + way as usize * 72;
+    // SAFETY: inside the mapping, fields at their aligned offsets.
+    unsafe {
+        let p = base.add(slot);
+        p.cast::<u64>().write_volatile(2);
+        p.add(8).cast::<FlowKey>().write_volatile(*key);
+        p.add(48).cast::<u32>().write_volatile(v.backend_id());
+        p.add(52).cast::<u32>().write_volatile(v.generation);
+        p.add(56).cast::<u64>().write_volatile(v.last_seen_ns);
+        p.add(64).cast::<u64>().write_volatile(u64::from(v.flags));
+    }
+}
+
+#[test]
+fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
+    require_root();
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/xdplb-test-legacy-{}",
+        std::process::id()
+    ));
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _pins = RemoveOnDrop(dir.clone());
+    xdplb::bpffs::ensure_mounted(&dir).expect("bpffs");
+    let mut h = Harness::new();
+    let cfg = h.cfg.clone();
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("load pinned");
+    h.state = State::default();
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    h.state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    let mut first = Vec::new();
+    for p in 55000..55032u16 {
+        first.push(h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN)).1[0..6].to_vec());
+    }
+    // One of them closed: its flags must cross over too.
+    h.run(&tcp4_flags(VIP4_THREE, 55000, 80, TCP_FIN | TCP_ACK));
+    let flows = h.dp.flows();
+    assert_eq!(flows.len(), 32);
+
+    // An older daemon's table: the same flows in the 72-byte-slot layout,
+    // each in a slot of its own buckets, pinned where the table was.
+    let buckets = lb_common::flow_table::buckets_for(cfg.datapath.flow_table_size);
+    let mut used = std::collections::HashSet::new();
+    let mut place = |key: &FlowKey| {
+        let pair = lb_common::flow_table::bucket_pair(
+            lb_common::flow_table::slot_hash(&lb_common::flow_table::key_words(key)),
+            buckets,
+        );
+        (0..lb_common::flow_table::FLOW_CANDIDATES)
+            .map(|i| lb_common::flow_table::candidate(&pair, i))
+            .find(|at| used.insert(*at))
+            .expect("a free candidate")
+    };
+    let legacy: Vec<_> = flows.iter().map(|(k, v)| (place(k), *k, *v)).collect();
+    let late_key = flow4(CLIENT4, VIP4_THREE, 55100, 80, PROTO_TCP);
+    let late_at = place(&late_key);
+    let pin = dir.join(lb_common::maps::FLOWS);
+    let moved = dir.join(format!("{}_72_BYTE_SLOTS", lb_common::maps::FLOWS));
+    std::fs::remove_file(&pin).expect("unpin the current table");
+    let (base, len) = pin_legacy_table(&pin, buckets, &legacy);
+
+    // A start that fails before it attaches puts the older pin back.
+    let mut failed = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
+    assert!(moved.exists(), "older table moved aside during the start");
+    failed.abandon_migration().expect("abandon");
+    drop(failed);
+    assert!(!moved.exists());
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(&pin)
+            .expect("pin")
+            .value_size(),
+        xdplb::flows::LEGACY_BUCKET_BYTES,
+        "the older table is back at its pin"
+    );
+
+    // The start that succeeds.
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
+    assert!(h.dp.adopted());
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(&pin)
+            .expect("pin")
+            .value_size() as usize,
+        std::mem::size_of::<lb_common::FlowBucket>(),
+        "a new table at the pin"
+    );
+    for (k, v) in &flows {
+        assert_eq!(h.dp.flow(k), Some(*v), "copied at load: {k:?}");
+    }
+    // The older program makes one more flow before the switch.
+    let late = FlowValue {
+        backend: flows[1].1.backend,
+        flags: 0,
+        generation: flows[1].1.generation,
+        last_seen_ns: flows[1].1.last_seen_ns,
+    };
+    write_legacy_slot(base, late_at, &late_key, &late);
+    h.state = State::default();
+    h.state.adopt(&h.dp).expect("adopt state");
+    h.state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    let m =
+        h.dp.finish_migration()
+            .expect("finish")
+            .expect("a migration");
+    assert_eq!((m.late, m.dropped), (1, 0));
+    assert_eq!(h.dp.flow(&late_key), Some(late), "the late flow copied");
+    assert!(!moved.exists(), "older table unpinned");
+    assert_eq!(h.dp.finish_migration().expect("again"), None);
+    // SAFETY: the mapping made by pin_legacy_table, unused from here.
+    unsafe { libc::munmap(base.cast(), len) };
+
+    let before = h.total_new_flows();
+    for (i, p) in (55001..55032u16).enumerate() {
+        let out = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK)).1;
+        assert_eq!(
+            out[0..6],
+            first[i + 1][..],
+            "flow from port {p} changed backend across the migration"
+        );
+    }
+    assert_eq!(
+        h.total_new_flows(),
+        before,
+        "every flow found after the migration"
+    );
+    h.dp.unpin().expect("unpin");
+}
+
 #[test]
 fn removing_a_vip_stops_its_established_flows_at_once() {
     let mut h = Harness::new();
