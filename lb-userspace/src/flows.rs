@@ -45,6 +45,33 @@ fn mapping_len(buckets: u32) -> usize {
     buckets as usize * size_of::<FlowBucket>()
 }
 
+/// A shared mapping of `bytes` of an mmapable map; the caller unmaps it
+/// (the kernel checks the length against the map).
+fn map_shared(map: &MapData, bytes: usize, prot: i32) -> Result<NonNull<u8>, FlowTableError> {
+    // SAFETY: a fresh shared mapping of the map's fd; each owner unmaps it
+    // in Drop, after which nothing reads it.
+    let addr = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            bytes,
+            prot,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(FlowTableError::Mmap {
+            bytes,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    NonNull::new(addr.cast::<u8>()).ok_or(FlowTableError::Mmap {
+        bytes,
+        source: std::io::Error::other("mmap returned null"),
+    })
+}
+
 /// Slot `index` of the mapping: bucket `index / FLOW_WAYS`, way
 /// `index % FLOW_WAYS` (the buckets' slots are contiguous).
 fn slot_index((bucket, way): (u32, u32)) -> u32 {
@@ -66,33 +93,14 @@ impl FlowTable {
     /// Maps `map` (created `BPF_F_MMAPABLE`, `buckets` entries: see
     /// `lb_common::flow_table::buckets_for`) into memory.
     pub fn new(map: Array<MapData, FlowBucket>, buckets: u32) -> Result<Self, FlowTableError> {
-        let bytes = mapping_len(buckets);
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
-        // the length against the map and the mapping outlives no one (it is
-        // unmapped in Drop, after which nothing reads it).
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.map().fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(FlowTableError::Mmap {
-                bytes,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let base = NonNull::new(addr.cast::<FlowSlot>()).ok_or(FlowTableError::Mmap {
-            bytes,
-            source: std::io::Error::other("mmap returned null"),
-        })?;
+        let base = map_shared(
+            map.map(),
+            mapping_len(buckets),
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
         Ok(Self {
             _map: map,
-            base,
+            base: base.cast(),
             buckets,
         })
     }
@@ -373,28 +381,7 @@ impl LegacyTable {
     /// Maps `map` (`buckets` entries of `LEGACY_BUCKET_BYTES`) read-only.
     pub fn new(map: MapData, buckets: u32) -> Result<Self, FlowTableError> {
         let bytes = buckets as usize * LEGACY_BUCKET_BYTES as usize;
-        // SAFETY: a fresh read-only shared mapping of the map's fd, unmapped
-        // in Drop.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                bytes,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(FlowTableError::Mmap {
-                bytes,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let base = NonNull::new(addr.cast::<u8>()).ok_or(FlowTableError::Mmap {
-            bytes,
-            source: std::io::Error::other("mmap returned null"),
-        })?;
+        let base = map_shared(&map, bytes, libc::PROT_READ)?;
         Ok(Self {
             _map: map,
             base,

@@ -1390,21 +1390,27 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     );
 }
 
-#[test]
-fn a_restarted_daemon_adopts_pinned_maps() {
+/// Removes a test's pin directory when the test ends, also when it fails
+/// half-way.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A harness whose datapath is pinned in a directory of its own
+/// (/sys/fs/bpf/xdplb-test-NAME-PID, removed with the guard), programmed
+/// with the fixture config; also the pin directory and a resolver for
+/// later `apply` calls.
+fn pinned_harness(name: &str) -> (Harness, RemoveOnDrop, std::path::PathBuf, TestResolver) {
     require_root();
     let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/xdplb-test-adopt-{}",
+        "/sys/fs/bpf/xdplb-test-{name}-{}",
         std::process::id()
     ));
-    // The pins go when the test ends, also when it fails half-way.
-    struct RemoveOnDrop(std::path::PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _pins = RemoveOnDrop(dir.clone());
+    let pins = RemoveOnDrop(dir.clone());
     xdplb::bpffs::ensure_mounted(&dir).expect("bpffs");
     let mut h = Harness::new();
     // Swap the harness's unpinned datapath for a pinned one.
@@ -1418,6 +1424,13 @@ fn a_restarted_daemon_adopts_pinned_maps() {
     h.state
         .apply(&mut h.dp, &cfg, &mut resolver)
         .expect("apply");
+    (h, pins, dir, resolver)
+}
+
+#[test]
+fn a_restarted_daemon_adopts_pinned_maps() {
+    let (mut h, _pins, dir, mut resolver) = pinned_harness("adopt");
+    let cfg = h.cfg.clone();
     let ids: Vec<(u32, u32)> = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
         .iter()
         .map(|a| h.backend("three", a))
@@ -1551,29 +1564,8 @@ fn write_legacy_slot(base: *mut u8, (bucket, way): (u32, u32), key: &FlowKey, v:
 
 #[test]
 fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
-    require_root();
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/xdplb-test-legacy-{}",
-        std::process::id()
-    ));
-    struct RemoveOnDrop(std::path::PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _pins = RemoveOnDrop(dir.clone());
-    xdplb::bpffs::ensure_mounted(&dir).expect("bpffs");
-    let mut h = Harness::new();
+    let (mut h, _pins, dir, mut resolver) = pinned_harness("legacy");
     let cfg = h.cfg.clone();
-    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("load pinned");
-    h.state = State::default();
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    h.state
-        .apply(&mut h.dp, &cfg, &mut resolver)
-        .expect("apply");
     let mut first = Vec::new();
     for p in 55000..55032u16 {
         first.push(h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN)).1[0..6].to_vec());
