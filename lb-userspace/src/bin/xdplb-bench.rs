@@ -8,6 +8,10 @@
 //!   own, the load balancer against the reflector, driven by a live-frame
 //!   BPF_PROG_TEST_RUN generator.
 //! - `maglev`: Maglev table build time against filling a table.
+//! - `ab`: datapath objects of different builds side by side in one
+//!   process, timed in alternation: what a change to the datapath gains,
+//!   at a resolution the other commands' separate runs do not have on a
+//!   shared machine.
 //!
 //! The load balancer is the production program and maps: loaded by
 //! `Dataplane::load` and programmed by `State::apply` from a YAML config.
@@ -32,14 +36,16 @@ use std::{
 
 use anyhow::{anyhow, ensure, Context as _, Result};
 use aya::{
-    maps::{DevMap, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, DevMap, MapData, PerCpuArray, ProgramArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use clap::{Parser, Subcommand};
 use lb_common::{
     flow_table::{buckets_for, slots_for},
-    maglev, Counters, DEFAULT_RING_SIZE, EMPTY_SLOT, FLOW_WAYS, PROTO_TCP, PROTO_UDP,
+    globals, maglev, maps, programs, ring_chunk_index, ring_chunks_for, vip_index_slot, Backend,
+    Counters, RingChunk, VipEntry, VipInfo, VipKey, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4,
+    FLOW_WAYS, PROTO_TCP, PROTO_UDP, RING_CHUNK_SLOTS,
 };
 use serde_json::{json, Value};
 use xdplb::{
@@ -180,6 +186,29 @@ enum Command {
         #[arg(long, value_name = "CPU")]
         napi_cpu: Option<usize>,
     },
+    /// Compares datapath builds in one process: loads each object (the
+    /// `lb-ebpf` file a build leaves in
+    /// target/release/build/lb-userspace-*/out/), each with maps of its own
+    /// and a flow table for 2^20 flows, programs one VIP with three
+    /// backends into each, then times them in alternation, each round
+    /// starting with another: (a) established TCP, (b) a new flow behind
+    /// the reset step (net of it), (c) not a VIP. Prints per object the
+    /// medians and the median of its paired differences with the first.
+    /// Give one object twice to see the resolution.
+    Ab {
+        /// Rounds.
+        #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// Repetitions per test run of (a) and (c).
+        #[arg(long, default_value_t = 200_000)]
+        repeat: u32,
+        /// Repetitions per test run of (b), each a new flow.
+        #[arg(long, default_value_t = 100_000)]
+        new_flows: u32,
+        /// Datapath objects; the first is the base.
+        #[arg(required = true, num_args = 2..)]
+        objects: Vec<std::path::PathBuf>,
+    },
     /// Maglev table build time (65537 slots) for 10, 100 and 1000 backends,
     /// against allocating and filling the same table.
     Maglev {
@@ -212,6 +241,12 @@ fn main() -> ExitCode {
             veth(seconds, runs, napi_cpu)
         }
         Command::Maglev { runs } => maglev_bench(runs),
+        Command::Ab {
+            rounds,
+            repeat,
+            new_flows,
+            objects,
+        } => ab(&objects, rounds, repeat, new_flows),
     };
     match result {
         Ok(report) => {
@@ -890,6 +925,195 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "lru_hit": case_json(&lru_hit, reference),
             "lru_insert": lru_insert_json,
         },
+    }))
+}
+
+// ---------------------------------------------------------------- ab
+
+/// Map `name` of an object loaded from `path`.
+fn map_of<'a>(ebpf: &'a mut Ebpf, path: &Path, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("{}: no map {name}", path.display()))
+}
+
+/// Loads the datapath object at `path` with this benchmark's sizes and
+/// programs one VIP (`VIP4`:80/tcp, id 0) with backends 1 to 3 by writing
+/// its maps directly: objects of other builds may lay the flow table out
+/// differently, so neither `Dataplane` nor the flow table is used.
+fn load_object(path: &Path) -> Result<Ebpf> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let chunks = ring_chunks_for(DEFAULT_RING_SIZE);
+    let buckets = buckets_for(FLOW_TABLE_SIZE);
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::RING_SIZE, &DEFAULT_RING_SIZE, true)
+        .override_global(globals::RING_CHUNKS, &chunks, true)
+        .override_global(globals::FLOW_BUCKETS, &buckets, true)
+        .map_max_entries(maps::FLOWS, buckets)
+        .load(&bytes)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let program: &mut Xdp = ebpf
+        .program_mut(programs::LB)
+        .ok_or_else(|| anyhow!("{}: no program {}", path.display(), programs::LB))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifying {} of {}", programs::LB, path.display()))?;
+    let key = VipKey {
+        addr: [u32::from_ne_bytes(VIP4), 0, 0, 0],
+        port_be: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    };
+    let info = VipInfo::default();
+    let bit = key.filter_slot();
+    // Each conversion checks the map's value size against this build's.
+    let set = |r: Result<(), aya::maps::MapError>, map: &str| {
+        r.with_context(|| format!("{}: writing {map}", path.display()))
+    };
+    let mut vips: aya::maps::HashMap<_, VipKey, VipInfo> =
+        map_of(&mut ebpf, path, maps::VIPS)?.try_into()?;
+    set(vips.insert(key, info, 0), maps::VIPS)?;
+    let mut filter: Array<_, u64> = map_of(&mut ebpf, path, maps::VIP_FILTER)?.try_into()?;
+    set(
+        filter.set(bit / 64, 1u64 << (bit % 64), 0),
+        maps::VIP_FILTER,
+    )?;
+    let mut index: Array<_, u32> = map_of(&mut ebpf, path, maps::VIP_INDEX)?.try_into()?;
+    set(index.set(vip_index_slot(bit), 1, 0), maps::VIP_INDEX)?;
+    let mut by_id: Array<_, VipEntry> = map_of(&mut ebpf, path, maps::VIP_BY_ID)?.try_into()?;
+    set(by_id.set(0, VipEntry { key, info }, 0), maps::VIP_BY_ID)?;
+    let mut backends: Array<_, Backend> = map_of(&mut ebpf, path, maps::BACKENDS)?.try_into()?;
+    for id in 1..=3u32 {
+        let backend = Backend {
+            dst_mac: [0x02, 0, 0, 0xc8, 0, 0x10 + id as u8],
+            src_mac: LB_MAC,
+            ifindex: 1,
+            generation: 1,
+            family: FAMILY_V4,
+            ..Backend::default()
+        };
+        set(backends.set(id, backend, 0), maps::BACKENDS)?;
+    }
+    let mut rings: Array<_, RingChunk> = map_of(&mut ebpf, path, maps::RINGS)?.try_into()?;
+    for c in 0..chunks {
+        let mut chunk = [EMPTY_SLOT; RING_CHUNK_SLOTS as usize];
+        for (i, slot) in chunk.iter_mut().enumerate() {
+            *slot = (c * RING_CHUNK_SLOTS + i as u32) % 3 + 1;
+        }
+        let at = ring_chunk_index(0, 0, chunks, c * RING_CHUNK_SLOTS);
+        set(rings.set(at, chunk, 0), maps::RINGS)?;
+    }
+    Ok(ebpf)
+}
+
+fn ab(objects: &[std::path::PathBuf], rounds: u32, repeat: u32, new_flows: u32) -> Result<Value> {
+    require_root()?;
+    ensure!(
+        repeat >= 1 && new_flows >= 1,
+        "repetitions must be at least 1"
+    );
+    let machine = Machine::start();
+    let cpu = machine.nproc - 1;
+    pin_thread(cpu)?;
+    let mut lbs: Vec<Ebpf> = objects
+        .iter()
+        .map(|p| load_object(p))
+        .collect::<Result<_>>()?;
+    let mut obj = BenchObject::load(1024)?;
+    let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
+    let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
+    let new_flow = tcp_frame(VIP4, 40001, 80, TCP_SYN);
+    let not_vip = tcp_frame(NOT_VIP4, 40000, 80, TCP_ACK);
+    let k = lbs.len();
+    let (mut a, mut b, mut c) = (
+        vec![Vec::new(); k],
+        vec![Vec::new(); k],
+        vec![Vec::new(); k],
+    );
+    let started = Instant::now();
+    for round in 0..rounds as usize {
+        let reset = time_behind_reset(
+            &mut obj,
+            &mut jump,
+            bench::TX,
+            &new_flow,
+            new_flows,
+            "reset",
+        )?;
+        for j in 0..k {
+            let i = (j + round) % k;
+            let program: &mut Xdp = lbs[i]
+                .program_mut(programs::LB)
+                .and_then(|p| p.try_into().ok())
+                .expect("checked at load");
+            // The first packet makes the flow (again, after evictions).
+            time_run(program, &established, 1, XDP_TX, "established (first)")?;
+            a[i].push(time_run(
+                program,
+                &established,
+                repeat,
+                XDP_TX,
+                "established",
+            )?);
+            c[i].push(time_run(program, &not_vip, repeat, XDP_PASS, "not a VIP")?);
+            let fd = program.fd().context("xlb_lb fd")?.try_clone()?;
+            jump.set(0, &fd, 0).context("jump slot")?;
+            let raw = time_run(
+                obj.program(bench::RESET),
+                &new_flow,
+                new_flows,
+                XDP_TX,
+                "new flow",
+            )?;
+            b[i].push(raw - reset);
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "ab: {rounds} rounds on CPU {cpu} in {:.1} s; medians, and the median of the paired \
+         differences with {}:",
+        elapsed.as_secs_f64(),
+        objects[0].display()
+    );
+    let mut rows = Vec::new();
+    for i in 0..k {
+        let case = |runs: &[Vec<f64>]| {
+            let diffs: Vec<f64> = runs[i].iter().zip(&runs[0]).map(|(x, y)| x - y).collect();
+            json!({"median": median(&runs[i]), "paired_difference": median(&diffs), "ns_per_packet": runs[i]})
+        };
+        let row = json!({
+            "object": objects[i].display().to_string(),
+            "established_tcp": case(&a),
+            "new_flow_net": case(&b),
+            "non_vip_pass": case(&c),
+        });
+        let f = |case: &str, what: &str| row[case][what].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "  {:<40} (a) {:6.1} ({:+6.1})  (b) {:6.1} ({:+6.1})  (c) {:6.1} ({:+6.1})",
+            objects[i].display(),
+            f("established_tcp", "median"),
+            f("established_tcp", "paired_difference"),
+            f("new_flow_net", "median"),
+            f("new_flow_net", "paired_difference"),
+            f("non_vip_pass", "median"),
+            f("non_vip_pass", "paired_difference"),
+        );
+        rows.push(row);
+    }
+    Ok(json!({
+        "benchmark": "ab",
+        "machine": machine.finish(),
+        "method": "BPF_PROG_TEST_RUN of each object's xlb_lb in one process, in rounds; each \
+                   round times every object once per case, starting with a different object. \
+                   new_flow_net: behind xlb_bench_reset (a fresh 5-tuple each repetition), \
+                   minus the reset step alone timed at the start of the round. \
+                   paired_difference: median over rounds of (object - first object).",
+        "rounds": rounds,
+        "repeat": repeat,
+        "new_flows": new_flows,
+        "cpu": cpu,
+        "elapsed_s": round(elapsed.as_secs_f64(), 2),
+        "objects": rows,
     }))
 }
 
