@@ -9,7 +9,7 @@
 
 use std::{
     hint::spin_loop,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _},
     ptr::{self, NonNull},
     sync::atomic::{fence, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -251,6 +251,15 @@ impl FlowTable {
             .filter(|s| s.key.family != 0)
     }
 
+    /// Every flow in the table with its (bucket, way).
+    pub fn placed(&self) -> Vec<((u32, u32), FlowKey, FlowValue)> {
+        (0..self.slots())
+            .filter_map(|i| self.read(i).map(|s| (i, s)))
+            .filter(|(_, s)| s.key.family != 0)
+            .map(|(i, s)| ((i / FLOW_WAYS, i % FLOW_WAYS), s.key, s.value))
+            .collect()
+    }
+
     /// Every flow in the table.
     pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
         self.occupied().map(|s| (s.key, s.value)).collect()
@@ -461,5 +470,98 @@ impl Drop for LegacyTable {
                 self.buckets as usize * LEGACY_BUCKET_BYTES as usize,
             )
         };
+    }
+}
+
+/// A flow table of the 72-byte-slot layout made the way an older build's
+/// program made it (an mmapable array, pinned): for tests of the
+/// migration (tests/datapath.rs, `xdplb-bench legacy-flow-table`), never
+/// used by the daemon.
+#[doc(hidden)]
+pub struct LegacyFixture {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl LegacyFixture {
+    /// Creates the table (`buckets` entries of `LEGACY_BUCKET_BYTES`),
+    /// writes `flows` at their (bucket, way) and pins it at `path`.
+    pub fn pin(
+        path: &std::path::Path,
+        buckets: u32,
+        flows: &[((u32, u32), FlowKey, FlowValue)],
+    ) -> std::io::Result<Self> {
+        use std::os::unix::ffi::OsStrExt as _;
+        // BPF_MAP_CREATE (0): map_type ARRAY (2), key 4, value size, max
+        // entries, map_flags BPF_F_MMAPABLE; the rest of the attribute 0.
+        let mut attr = [0u32; 32];
+        attr[..5].copy_from_slice(&[2, 4, LEGACY_BUCKET_BYTES, buckets, 1 << 10]);
+        // SAFETY: a zero-padded bpf_attr of the size given.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd BPF_MAP_CREATE returned, owned from here.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let len = buckets as usize * LEGACY_BUCKET_BYTES as usize;
+        // SAFETY: a fresh shared mapping of the new map, unmapped in Drop.
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fixture = Self {
+            base: NonNull::new(addr.cast()).ok_or_else(|| std::io::Error::other("mmap: null"))?,
+            len,
+        };
+        for &(at, key, value) in flows {
+            fixture.write(at, &key, &value);
+        }
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // BPF_OBJ_PIN (6): pathname, bpf_fd.
+        let mut pin = [0u64; 16];
+        pin[0] = c_path.as_ptr() as u64;
+        pin[1] = fd.as_raw_fd() as u64;
+        // SAFETY: a zero-padded bpf_attr of the size given.
+        if unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fixture)
+    }
+
+    /// Writes one slot as the older program did (seq 2: written, even).
+    pub fn write(&self, (bucket, way): (u32, u32), key: &FlowKey, v: &FlowValue) {
+        let offset =
+            bucket as usize * LEGACY_BUCKET_BYTES as usize + way as usize * LEGACY_SLOT_BYTES;
+        assert!(
+            offset + LEGACY_SLOT_BYTES <= self.len,
+            "slot ({bucket}, {way})"
+        );
+        // SAFETY: inside the mapping (checked), each field at its aligned
+        // offset (see `LegacyTable::read`).
+        unsafe {
+            let p = self.base.as_ptr().add(offset);
+            ptr::write_volatile(p.cast::<u64>(), 2);
+            ptr::write_volatile(p.add(LEGACY_KEY).cast::<FlowKey>(), *key);
+            ptr::write_volatile(p.add(LEGACY_BACKEND).cast::<u32>(), v.backend_id());
+            ptr::write_volatile(p.add(LEGACY_GENERATION).cast::<u32>(), v.generation);
+            ptr::write_volatile(p.add(LEGACY_LAST_SEEN).cast::<u64>(), v.last_seen_ns);
+            ptr::write_volatile(p.add(LEGACY_FLAGS).cast::<u64>(), u64::from(v.flags));
+        }
+    }
+}
+
+impl Drop for LegacyFixture {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `pin`, not used after this.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }

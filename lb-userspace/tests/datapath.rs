@@ -1487,81 +1487,6 @@ fn a_restarted_daemon_adopts_pinned_maps() {
     assert!(!dir.exists(), "pins removed");
 }
 
-/// A flow table of the layout before 64-byte slots (`LEGACY_BUCKET_BYTES`
-/// per bucket: 4 slots of 72 bytes), made the way an older daemon's
-/// program made it: an mmapable array, pinned at `path`, `flows` written
-/// at their (bucket, way). Returns the writable mapping and its length.
-fn pin_legacy_table(
-    path: &std::path::Path,
-    buckets: u32,
-    flows: &[((u32, u32), FlowKey, FlowValue)],
-) -> (*mut u8, usize) {
-    use std::os::unix::ffi::OsStrExt as _;
-    let bucket_bytes = xdplb::flows::LEGACY_BUCKET_BYTES;
-    // BPF_MAP_CREATE: map_type ARRAY (2), key 4, value, max entries,
-    // map_flags BPF_F_MMAPABLE; the rest of the attribute zero.
-    let mut attr = [0u32; 32];
-    attr[..5].copy_from_slice(&[2, 4, bucket_bytes, buckets, 1 << 10]);
-    // SAFETY: a zero-padded bpf_attr for BPF_MAP_CREATE (cmd 0).
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let fd = fd as i32;
-    let len = (buckets * bucket_bytes) as usize;
-    // SAFETY: a shared mapping of the new map, as long as the map.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    assert_ne!(
-        base,
-        libc::MAP_FAILED,
-        "{}",
-        std::io::Error::last_os_error()
-    );
-    let base = base.cast::<u8>();
-    for &(at, key, value) in flows {
-        write_legacy_slot(base, at, &key, &value);
-    }
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    // BPF_OBJ_PIN (cmd 6): pathname, bpf_fd.
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: a zero-padded bpf_attr for BPF_OBJ_PIN.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) };
-    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
-    // SAFETY: our fd; the pin and the mapping keep the map.
-    unsafe { libc::close(fd) };
-    (base, len)
-}
-
-/// Writes one slot of the older layout: seq 2 (even: written), the key at
-/// 8, backend u32 at 48, generation u32 at 52, last_seen_ns u64 at 56,
-/// flags u64 at 64.
-fn write_legacy_slot(base: *mut u8, (bucket, way): (u32, u32), key: &FlowKey, v: &FlowValue) {
-    let slot = bucket as usize * 288 + way as usize * 72;
-    // SAFETY: inside the mapping, fields at their aligned offsets.
-    unsafe {
-        let p = base.add(slot);
-        p.cast::<u64>().write_volatile(2);
-        p.add(8).cast::<FlowKey>().write_volatile(*key);
-        p.add(48).cast::<u32>().write_volatile(v.backend_id());
-        p.add(52).cast::<u32>().write_volatile(v.generation);
-        p.add(56).cast::<u64>().write_volatile(v.last_seen_ns);
-        p.add(64).cast::<u64>().write_volatile(u64::from(v.flags));
-    }
-}
-
 #[test]
 fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     let (mut h, _pins, dir, mut resolver) = pinned_harness("legacy");
@@ -1595,7 +1520,7 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     let pin = dir.join(lb_common::maps::FLOWS);
     let moved = dir.join(format!("{}_72_BYTE_SLOTS", lb_common::maps::FLOWS));
     std::fs::remove_file(&pin).expect("unpin the current table");
-    let (base, len) = pin_legacy_table(&pin, buckets, &legacy);
+    let older = xdplb::flows::LegacyFixture::pin(&pin, buckets, &legacy).expect("older table");
 
     // A start that fails before it attaches puts the older pin back.
     let mut failed = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
@@ -1631,7 +1556,7 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         generation: flows[1].1.generation,
         last_seen_ns: flows[1].1.last_seen_ns,
     };
-    write_legacy_slot(base, late_at, &late_key, &late);
+    older.write(late_at, &late_key, &late);
     h.state = State::default();
     h.state.adopt(&h.dp).expect("adopt state");
     h.state
@@ -1645,8 +1570,7 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     assert_eq!(h.dp.flow(&late_key), Some(late), "the late flow copied");
     assert!(!moved.exists(), "older table unpinned");
     assert_eq!(h.dp.finish_migration().expect("again"), None);
-    // SAFETY: the mapping made by pin_legacy_table, unused from here.
-    unsafe { libc::munmap(base.cast(), len) };
+    drop(older);
 
     let before = h.total_new_flows();
     for (i, p) in (55001..55032u16).enumerate() {

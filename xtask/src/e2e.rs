@@ -952,7 +952,7 @@ pub fn run_all() -> Result<(usize, usize)> {
     }
 
     type Scenario = fn(&Ctx) -> Result<String>;
-    let singles: [(&str, Scenario); 11] = [
+    let singles: [(&str, Scenario); 12] = [
         ("affinity_client_ip", affinity_client_ip),
         ("sticky_while_backend_added", sticky_while_backend_added),
         ("reload_rejects_bad_config", reload_rejects_bad_config),
@@ -961,6 +961,10 @@ pub fn run_all() -> Result<(usize, usize)> {
         ("drain_keeps_established", control::drain_keeps_established),
         ("connection_counts", control::connection_counts),
         ("restart_under_traffic", control::restart_under_traffic),
+        (
+            "migrate_flow_table_under_traffic",
+            control::migrate_flow_table_under_traffic,
+        ),
         ("bad_input_rejected", control::bad_input_rejected),
         ("runtime_change_not_lost", control::runtime_change_not_lost),
         ("metrics_endpoint", control::metrics_endpoint),

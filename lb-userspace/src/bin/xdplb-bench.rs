@@ -209,6 +209,19 @@ enum Command {
         #[arg(required = true, num_args = 2..)]
         objects: Vec<std::path::PathBuf>,
     },
+    /// For tests of the flow table's migration: replaces the pinned flow
+    /// table PIN_DIR/XLB_FLOWS by a copy in the layout of builds before
+    /// 64-byte slots, each flow in the same bucket and way, as a daemon of
+    /// such a build would have left it. (A program still attached keeps
+    /// the table it has.)
+    #[command(hide = true)]
+    LegacyFlowTable {
+        #[arg(long)]
+        pin_dir: std::path::PathBuf,
+        /// The datapath's `flow_table_size`.
+        #[arg(long)]
+        flow_table_size: u32,
+    },
     /// Maglev table build time (65537 slots) for 10, 100 and 1000 backends,
     /// against allocating and filling the same table.
     Maglev {
@@ -241,6 +254,10 @@ fn main() -> ExitCode {
             veth(seconds, runs, napi_cpu)
         }
         Command::Maglev { runs } => maglev_bench(runs),
+        Command::LegacyFlowTable {
+            pin_dir,
+            flow_table_size,
+        } => legacy_flow_table(&pin_dir, flow_table_size),
         Command::Ab {
             rounds,
             repeat,
@@ -926,6 +943,29 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "lru_insert": lru_insert_json,
         },
     }))
+}
+
+// ---------------------------------------------------------------- legacy
+
+fn legacy_flow_table(dir: &Path, flow_table_size: u32) -> Result<Value> {
+    require_root()?;
+    let path = dir.join(maps::FLOWS);
+    let buckets = buckets_for(flow_table_size);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let table: Array<MapData, lb_common::FlowBucket> = aya::maps::Map::Array(map)
+        .try_into()
+        .with_context(|| format!("{} is not a flow table of this build", path.display()))?;
+    let flows = xdplb::flows::FlowTable::new(table, buckets)?.placed();
+    std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    // Kept mapped until the pin holds the map.
+    let _older = xdplb::flows::LegacyFixture::pin(&path, buckets, &flows)
+        .with_context(|| format!("pinning the older table at {}", path.display()))?;
+    eprintln!(
+        "{}: {} flows, now in the 72-byte-slot layout",
+        path.display(),
+        flows.len()
+    );
+    Ok(json!({ "pin": path.display().to_string(), "flows": flows.len() }))
 }
 
 // ---------------------------------------------------------------- ab
