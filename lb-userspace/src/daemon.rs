@@ -313,17 +313,26 @@ impl Daemon {
         let (summary, egress) = apply_attaching(&mut state, dp, &mut resolver, cfg, &[], mode)
             .map_err(|f| f.error)
             .context("programming the initial configuration")?;
+        // A migrating start: the older table's latest state, just before
+        // its program stops running on the VIP interface.
+        dp.sync_migration()
+            .context("bringing the migrated flow table up to date")?;
         let how = dp.attach(&cfg.interface, mode)?;
-        if let Some(m) = dp
-            .finish_migration()
-            .context("finishing the flow table's migration")?
-        {
-            tracing::info!(
+        // Not fatal: the links run this program now. A restart goes on
+        // with the migration.
+        match dp.finish_migration() {
+            Ok(Some(m)) => tracing::info!(
                 "flow table migrated: {} more flows the older program made meanwhile copied \
                  too, {} left out (both buckets full; their next packet is scheduled anew)",
                 m.late,
                 m.dropped
-            );
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "finishing the flow table's migration: {e}; the older table stays pinned \
+                 ({}) and the next start goes on with it",
+                crate::dataplane::LEGACY_FLOWS_PIN
+            ),
         }
         let actual = attached_mode(&cfg.interface, how, mode);
         let mut attached = vec![(cfg.interface.clone(), actual)];

@@ -215,11 +215,13 @@ impl Dataplane {
             })?;
             for name in maps::ALL {
                 let path = dir.join(name);
+                if name == maps::FLOWS {
+                    legacy = open_legacy_flows(dir, buckets)?;
+                }
+                // The older table at XLB_FLOWS is judged by its own layout.
+                let older_here = name == maps::FLOWS && legacy.as_ref().is_some_and(|l| !l.resumed);
                 if path.exists() {
-                    if name == maps::FLOWS {
-                        legacy = open_legacy_flows(&path, buckets)?;
-                    }
-                    if legacy.is_none() || name != maps::FLOWS {
+                    if !older_here {
                         check_pinned(&path, dir, expected_layout(name, &settings))?;
                     }
                     adopted = true;
@@ -229,20 +231,39 @@ impl Dataplane {
         }
         // The older table's pin moves aside (not away: a failed load puts
         // it back), so the loader pins a new table in its place.
-        if let Some(l) = &legacy {
+        let moved = legacy.as_ref().filter(|l| !l.resumed);
+        if let Some(l) = moved {
             rename_pin(&l.moved_from, &l.pin)?;
         }
-        let mut ebpf = match loader.load(OBJECT) {
-            Ok(ebpf) => ebpf,
+        match Self::load_object(loader, settings, pin_dir, adopted, legacy.as_ref()) {
+            Ok(mut dp) => {
+                dp.legacy = legacy;
+                Ok(dp)
+            }
             Err(e) => {
-                if let Some(l) = &legacy {
+                // The loader may have pinned a new table already: the
+                // rename replaces it.
+                if let Some(l) = moved {
                     if let Err(r) = rename_pin(&l.pin, &l.moved_from) {
                         tracing::error!("putting the older flow table's pin back: {r}");
                     }
                 }
-                return Err(e.into());
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// The part of `load` from the loader on: loads and verifies the
+    /// program, takes the maps, and copies an older table's flows.
+    fn load_object(
+        mut loader: EbpfLoader<'_>,
+        settings: DatapathSettings,
+        pin_dir: Option<&Path>,
+        adopted: bool,
+        legacy: Option<&Legacy>,
+    ) -> Result<Self, DataplaneError> {
+        let buckets = buckets_for(settings.flow_table_size);
+        let mut ebpf = loader.load(OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(programs::LB)
             .ok_or(DataplaneError::MissingProgram(programs::LB))?
@@ -280,18 +301,68 @@ impl Dataplane {
         };
         dp.sync_vip_index()?;
         if let Some(l) = legacy {
-            // Nothing reads the new table yet: every flow goes to its slot.
             let flows = l.table.flows();
-            let copied = dp.flows.place(&flows)?;
+            let copied = if l.resumed {
+                // A start that stopped half-way left the new table, which
+                // a program may use already: only what it lacks, wherever
+                // it fits.
+                dp.copy_missing(&flows)?.0
+            } else {
+                // Nothing reads the new table yet: every flow to its slot.
+                dp.flows.place(&flows)?
+            };
             tracing::info!(
                 "copied {copied} of {} flows from the pinned flow table of 72-byte slots \
-                 ({}) into the new one",
+                 ({}) into the new one{}",
                 flows.len(),
-                l.pin.display()
+                l.pin.display(),
+                if l.resumed {
+                    " (resuming a migration a start left half-way)"
+                } else {
+                    ""
+                }
             );
-            dp.legacy = Some(l);
         }
         Ok(dp)
+    }
+
+    /// Copies the flows the new table does not have; returns how many it
+    /// copied and how many found both their buckets full.
+    fn copy_missing(
+        &self,
+        flows: &[((u32, u32), FlowKey, FlowValue)],
+    ) -> Result<(usize, usize), DataplaneError> {
+        let (mut copied, mut full) = (0, 0);
+        for (_, key, value) in flows {
+            match self.flows.insert_new(key, value) {
+                Ok(true) => copied += 1,
+                Ok(false) => {}
+                Err(FlowTableError::BucketFull { .. }) => full += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((copied, full))
+    }
+
+    /// During a migration, just before the VIP interface's link is taken
+    /// over (the older program still runs there, this one not yet): brings
+    /// every flow of the older table up to date in the new one (made,
+    /// closed or rescheduled since `load` copied it). Returns how many
+    /// flows it wrote; 0 when not migrating, or when resuming (then this
+    /// program may already be the one running, and its entries win).
+    pub fn sync_migration(&mut self) -> Result<usize, DataplaneError> {
+        let Some(l) = self.legacy.as_ref().filter(|l| !l.resumed) else {
+            return Ok(0);
+        };
+        let mut written = 0;
+        for (_, key, value) in l.table.flows() {
+            match self.flows.insert(&key, &value) {
+                Ok(()) => written += 1,
+                Err(FlowTableError::BucketFull { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(written)
     }
 
     /// After an adopted start that found a flow table of the older layout
@@ -303,17 +374,9 @@ impl Dataplane {
         let Some(l) = self.legacy.take() else {
             return Ok(None);
         };
-        let mut m = Migration::default();
-        for (_, key, value) in l.table.flows() {
-            match self.flows.insert_new(&key, &value) {
-                Ok(true) => m.late += 1,
-                Ok(false) => {}
-                Err(FlowTableError::BucketFull { .. }) => m.dropped += 1,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let (late, dropped) = self.copy_missing(&l.table.flows())?;
         remove_pin(&l.pin)?;
-        Ok(Some(m))
+        Ok(Some(Migration { late, dropped }))
     }
 
     /// Undoes the pin move of a migrating load that will not finish (the
@@ -321,8 +384,8 @@ impl Dataplane {
     /// back where it was, in place of the new table's, for the program that
     /// still uses it.
     pub fn abandon_migration(&mut self) -> Result<(), DataplaneError> {
-        if let Some(l) = self.legacy.take() {
-            remove_pin(&l.moved_from)?;
+        if let Some(l) = self.legacy.take().filter(|l| !l.resumed) {
+            // Replaces the new table's pin in one step.
             rename_pin(&l.pin, &l.moved_from)?;
         }
         Ok(())
@@ -417,7 +480,7 @@ impl Dataplane {
             remove_pin(path)?;
         }
         if let Some(dir) = &self.pin_dir {
-            for name in maps::ALL {
+            for name in maps::ALL.iter().chain([&LEGACY_FLOWS_PIN]) {
                 remove_pin(&dir.join(name))?;
             }
             // Only empty: something else may share the directory.
@@ -799,36 +862,53 @@ pub struct Migration {
     pub dropped: usize,
 }
 
+/// Where a migrating load moves the older flow table's pin (bpffs names
+/// take no dots).
+pub const LEGACY_FLOWS_PIN: &str = "XLB_FLOWS_72_BYTE_SLOTS";
+
 /// A pinned flow table of the older layout, moved aside during a load.
 struct Legacy {
     table: LegacyTable,
-    /// Where its pin was (`XLB_FLOWS`), and where it is now.
+    /// Where its pin was (`XLB_FLOWS`), and where it is now
+    /// (`LEGACY_FLOWS_PIN`).
     moved_from: PathBuf,
     pin: PathBuf,
+    /// Found at `LEGACY_FLOWS_PIN` already: a start stopped between the
+    /// move and `finish_migration` (a crash, a kill), and this one goes on
+    /// from there.
+    resumed: bool,
 }
 
-/// The pinned flow table at `path` if it has the older layout
-/// (`LEGACY_BUCKET_BYTES` per entry) and this configuration's bucket
-/// count; `None` for anything else (which `check_pinned` then judges).
-fn open_legacy_flows(path: &Path, buckets: u32) -> Result<Option<Legacy>, DataplaneError> {
-    let opened = |source| DataplaneError::Map {
-        context: format!("opening pinned map {}", path.display()),
-        source,
-    };
-    let info = MapInfo::from_pin(path).map_err(opened)?;
-    if (info.key_size(), info.value_size(), info.max_entries()) != (4, LEGACY_BUCKET_BYTES, buckets)
-    {
-        return Ok(None);
+/// The older flow table in `dir`, if there is one with this
+/// configuration's bucket count: at `LEGACY_FLOWS_PIN` (a migration to go
+/// on with), else at `XLB_FLOWS` (one to start). Anything else is left to
+/// `check_pinned`.
+fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, DataplaneError> {
+    let moved_from = dir.join(maps::FLOWS);
+    let pin = dir.join(LEGACY_FLOWS_PIN);
+    for (path, resumed) in [(&pin, true), (&moved_from, false)] {
+        if !path.exists() {
+            continue;
+        }
+        let opened = |source| DataplaneError::Map {
+            context: format!("opening pinned map {}", path.display()),
+            source,
+        };
+        let info = MapInfo::from_pin(path).map_err(opened)?;
+        if (info.key_size(), info.value_size(), info.max_entries())
+            != (4, LEGACY_BUCKET_BYTES, buckets)
+        {
+            continue;
+        }
+        let map = MapData::from_pin(path).map_err(opened)?;
+        return Ok(Some(Legacy {
+            table: LegacyTable::new(map, buckets)?,
+            moved_from: moved_from.clone(),
+            pin: pin.clone(),
+            resumed,
+        }));
     }
-    let map = MapData::from_pin(path).map_err(opened)?;
-    let mut pin = path.as_os_str().to_owned();
-    // bpffs names take no dots.
-    pin.push("_72_BYTE_SLOTS");
-    Ok(Some(Legacy {
-        table: LegacyTable::new(map, buckets)?,
-        moved_from: path.to_path_buf(),
-        pin: PathBuf::from(pin),
-    }))
+    Ok(None)
 }
 
 fn rename_pin(from: &Path, to: &Path) -> Result<(), DataplaneError> {

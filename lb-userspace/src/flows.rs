@@ -18,7 +18,7 @@ use std::{
 use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
     flow_table::{bucket_pair, candidate, key_words, same_key, slot_hash, FLOW_CANDIDATES},
-    FlowBucket, FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_WAYS,
+    FlowBucket, FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -443,13 +443,19 @@ impl LegacyTable {
                     continue;
                 }
                 // An empty slot, or a backend id no build could have made.
-                let backend = u16::try_from(backend).ok()?;
+                let backend = u16::try_from(backend)
+                    .ok()
+                    .filter(|&b| u32::from(b) < lb_common::MAX_BACKENDS)?;
                 return (key.family != 0).then_some((
                     key,
                     FlowValue {
                         backend,
-                        // FLOW_F_* bits kept their values.
-                        flags: flags as u16,
+                        // FLOW_F_CLOSED kept its value (the only flag).
+                        flags: if flags & u64::from(FLOW_F_CLOSED) != 0 {
+                            FLOW_F_CLOSED
+                        } else {
+                            0
+                        },
                         generation,
                         last_seen_ns,
                     },

@@ -1515,10 +1515,8 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
             .expect("a free candidate")
     };
     let legacy: Vec<_> = flows.iter().map(|(k, v)| (place(k), *k, *v)).collect();
-    let late_key = flow4(CLIENT4, VIP4_THREE, 55100, 80, PROTO_TCP);
-    let late_at = place(&late_key);
     let pin = dir.join(lb_common::maps::FLOWS);
-    let moved = dir.join(format!("{}_72_BYTE_SLOTS", lb_common::maps::FLOWS));
+    let moved = dir.join(xdplb::dataplane::LEGACY_FLOWS_PIN);
     std::fs::remove_file(&pin).expect("unpin the current table");
     let older = xdplb::flows::LegacyFixture::pin(&pin, buckets, &legacy).expect("older table");
 
@@ -1536,9 +1534,9 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         "the older table is back at its pin"
     );
 
-    // The start that succeeds.
-    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
-    assert!(h.dp.adopted());
+    // A start that copies the table, brings the copy up to date just
+    // before the takeover, then dies before it finishes.
+    let mut crashed = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
     assert_eq!(
         aya::maps::MapInfo::from_pin(&pin)
             .expect("pin")
@@ -1547,27 +1545,60 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         "a new table at the pin"
     );
     for (k, v) in &flows {
-        assert_eq!(h.dp.flow(k), Some(*v), "copied at load: {k:?}");
+        assert_eq!(crashed.flow(k), Some(*v), "copied at load: {k:?}");
     }
-    // The older program makes one more flow before the switch.
-    let late = FlowValue {
-        backend: flows[1].1.backend,
-        flags: 0,
-        generation: flows[1].1.generation,
-        last_seen_ns: flows[1].1.last_seen_ns,
+    // Meanwhile the older program closes one flow and makes another.
+    let (closing_at, closing_key, mut closing) = legacy[2];
+    closing.flags = lb_common::FLOW_F_CLOSED;
+    older.write(closing_at, &closing_key, &closing);
+    let mut made = |port: u16| {
+        let key = flow4(CLIENT4, VIP4_THREE, port, 80, PROTO_TCP);
+        let value = FlowValue {
+            flags: 0,
+            ..flows[1].1
+        };
+        (place(&key), key, value)
     };
+    let (late_at, late_key, late) = made(55100);
     older.write(late_at, &late_key, &late);
+    assert_eq!(crashed.sync_migration().expect("sync"), flows.len() + 1);
+    assert_eq!(
+        crashed.flow(&closing_key),
+        Some(closing),
+        "the close copied"
+    );
+    assert_eq!(crashed.flow(&late_key), Some(late), "the new flow copied");
+    drop(crashed);
+    assert!(
+        moved.exists() && pin.exists(),
+        "both tables pinned after the crash"
+    );
+
+    // The next start goes on with the migration.
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
+    assert!(h.dp.adopted());
+    assert_eq!(h.dp.flow(&closing_key), Some(closing));
+    assert_eq!(h.dp.flow(&late_key), Some(late));
+    // One more flow of the older program, made before this start's
+    // program took the links over.
+    let (later_at, later_key, later) = made(55101);
+    older.write(later_at, &later_key, &later);
     h.state = State::default();
     h.state.adopt(&h.dp).expect("adopt state");
     h.state
         .apply(&mut h.dp, &cfg, &mut resolver)
         .expect("apply");
+    assert_eq!(
+        h.dp.sync_migration().expect("sync"),
+        0,
+        "resuming: the new table's entries win"
+    );
     let m =
         h.dp.finish_migration()
             .expect("finish")
             .expect("a migration");
     assert_eq!((m.late, m.dropped), (1, 0));
-    assert_eq!(h.dp.flow(&late_key), Some(late), "the late flow copied");
+    assert_eq!(h.dp.flow(&later_key), Some(later), "the later flow copied");
     assert!(!moved.exists(), "older table unpinned");
     assert_eq!(h.dp.finish_migration().expect("again"), None);
     drop(older);

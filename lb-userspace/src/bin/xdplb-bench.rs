@@ -951,6 +951,14 @@ fn legacy_flow_table(dir: &Path, flow_table_size: u32) -> Result<Value> {
     require_root()?;
     let path = dir.join(maps::FLOWS);
     let buckets = buckets_for(flow_table_size);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    ensure!(
+        info.max_entries() == buckets,
+        "{} has {} buckets, flow_table_size {flow_table_size} needs {buckets}",
+        path.display(),
+        info.max_entries()
+    );
     let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let table: Array<MapData, lb_common::FlowBucket> = aya::maps::Map::Array(map)
         .try_into()

@@ -529,8 +529,8 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
     let (bpffs, opts) = restart_opts(ctx);
     let first = ctx.start_daemon_with(&path3, &opts)?;
     const LONG: usize = 24;
-    const ROUNDS: usize = 80;
-    let long = LongProbe::start(ctx, "migrate", &three.target(), LONG, ROUNDS, 50)?;
+    const ROUNDS: usize = 120;
+    let mut long = LongProbe::start(ctx, "migrate", &three.target(), LONG, ROUNDS, 50)?;
     thread::sleep(Duration::from_millis(300));
     first.kill()?;
     let bench = crate::daemon::xdplb_path()?.with_file_name("xdplb-bench");
@@ -544,12 +544,20 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
     ]))
     .context("making the pinned flow table an older build's")?;
     let daemon = Daemon::start_with(&path4, &opts)?;
+    // The connections must still be running when the new program has
+    // taken over, or the scenario tested nothing.
+    let spanned = long.running()?;
     let copied = daemon.find_log(|l| l.contains("72-byte slots"));
     let finished = daemon.find_log(|l| l.contains("flow table migrated"));
     let per_backend = long.finish_checked(Duration::from_secs(30));
     let stopped = daemon.stop();
     let copied = copied.context("the new daemon does not say it copied the older table")?;
     finished.context("the new daemon does not say it finished the migration")?;
+    ensure!(
+        spanned,
+        "the long-lived probe ended before the new daemon was ready (timing assumption of \
+         this test broken)"
+    );
     let per_backend = per_backend.context("long-lived connections across the migration")?;
     stopped.context("stopping the migrated daemon")?;
     ensure!(
