@@ -315,11 +315,20 @@ impl Daemon {
             .context("programming the initial configuration")?;
         // A migrating start: the older table's latest state, just before
         // its program stops running on the VIP interface.
-        dp.sync_migration()
+        let synced = dp
+            .sync_migration()
             .context("bringing the migrated flow table up to date")?;
+        if synced > 0 {
+            tracing::info!(
+                "flow table migration: {synced} flows brought up to date before the takeover"
+            );
+        }
         let how = dp.attach(&cfg.interface, mode)?;
-        // Not fatal: the links run this program now. A restart goes on
-        // with the migration.
+        // Not fatal from here: the links run this program now, and a
+        // restart goes on with the migration.
+        if let Err(e) = dp.mark_taken_over() {
+            tracing::warn!("recording the flow table migration's takeover: {e}");
+        }
         match dp.finish_migration() {
             Ok(Some(m)) => tracing::info!(
                 "flow table migrated: {} more flows the older program made meanwhile copied \

@@ -219,7 +219,8 @@ impl Dataplane {
                     legacy = open_legacy_flows(dir, buckets)?;
                 }
                 // The older table at XLB_FLOWS is judged by its own layout.
-                let older_here = name == maps::FLOWS && legacy.as_ref().is_some_and(|l| !l.resumed);
+                let older_here =
+                    name == maps::FLOWS && legacy.as_ref().is_some_and(|l| l.stage == Stage::Fresh);
                 if path.exists() {
                     if !older_here {
                         check_pinned(&path, dir, expected_layout(name, &settings))?;
@@ -231,7 +232,7 @@ impl Dataplane {
         }
         // The older table's pin moves aside (not away: a failed load puts
         // it back), so the loader pins a new table in its place.
-        let moved = legacy.as_ref().filter(|l| !l.resumed);
+        let moved = legacy.as_ref().filter(|l| l.stage == Stage::Fresh);
         if let Some(l) = moved {
             rename_pin(&l.moved_from, &l.pin)?;
         }
@@ -302,24 +303,31 @@ impl Dataplane {
         dp.sync_vip_index()?;
         if let Some(l) = legacy {
             let flows = l.table.flows();
-            let copied = if l.resumed {
-                // A start that stopped half-way left the new table, which
-                // a program may use already: only what it lacks, wherever
-                // it fits.
-                dp.copy_missing(&flows)?.0
-            } else {
+            let (copied, full) = if l.stage == Stage::Fresh {
                 // Nothing reads the new table yet: every flow to its slot.
-                dp.flows.place(&flows)?
+                (dp.flows.place(&flows)?, 0)
+            } else {
+                // A start that stopped half-way left the new table, which
+                // an egress link, or after a takeover every link, may use
+                // already: only what it lacks, wherever it fits.
+                dp.copy_missing(&flows)?
             };
             tracing::info!(
                 "copied {copied} of {} flows from the pinned flow table of 72-byte slots \
-                 ({}) into the new one{}",
+                 ({}) into the new one{}{}",
                 flows.len(),
                 l.pin.display(),
-                if l.resumed {
-                    " (resuming a migration a start left half-way)"
+                match l.stage {
+                    Stage::Fresh => "",
+                    Stage::Copied =>
+                        " (going on with a migration a start left before its takeover)",
+                    Stage::TakenOver =>
+                        " (going on with a migration a start left after its takeover)",
+                },
+                if full > 0 {
+                    format!("; {full} found both their buckets full")
                 } else {
-                    ""
+                    String::new()
                 }
             );
         }
@@ -348,10 +356,10 @@ impl Dataplane {
     /// over (the older program still runs there, this one not yet): brings
     /// every flow of the older table up to date in the new one (made,
     /// closed or rescheduled since `load` copied it). Returns how many
-    /// flows it wrote; 0 when not migrating, or when resuming (then this
-    /// program may already be the one running, and its entries win).
+    /// flows it wrote; 0 when not migrating, or when an earlier start had
+    /// taken the links over already (this program's entries win).
     pub fn sync_migration(&mut self) -> Result<usize, DataplaneError> {
-        let Some(l) = self.legacy.as_ref().filter(|l| !l.resumed) else {
+        let Some(l) = self.legacy.as_ref().filter(|l| l.stage != Stage::TakenOver) else {
             return Ok(0);
         };
         let mut written = 0;
@@ -363,6 +371,21 @@ impl Dataplane {
             }
         }
         Ok(written)
+    }
+
+    /// Records, right after the VIP interface's link runs this program,
+    /// that the older program no longer does (its table's pin is renamed
+    /// `LEGACY_FLOWS_PIN_TAKEN_OVER`): a start that goes on with this
+    /// migration after a crash must not overwrite the new table from the
+    /// older one.
+    pub fn mark_taken_over(&mut self) -> Result<(), DataplaneError> {
+        if let Some(l) = self.legacy.as_mut().filter(|l| l.stage != Stage::TakenOver) {
+            let taken = l.moved_from.with_file_name(LEGACY_FLOWS_PIN_TAKEN_OVER);
+            rename_pin(&l.pin, &taken)?;
+            l.pin = taken;
+            l.stage = Stage::TakenOver;
+        }
+        Ok(())
     }
 
     /// After an adopted start that found a flow table of the older layout
@@ -380,13 +403,17 @@ impl Dataplane {
     }
 
     /// Undoes the pin move of a migrating load that will not finish (the
-    /// start failed before `finish_migration`): the older table's pin goes
-    /// back where it was, in place of the new table's, for the program that
-    /// still uses it.
+    /// start failed before `finish_migration`): if no link runs this
+    /// program, the older table's pin goes back where it was, in place of
+    /// the new table's, for the program that still uses it. If one does
+    /// (an egress link taken over, or the takeover done), both pins stay
+    /// and the next start goes on with the migration.
     pub fn abandon_migration(&mut self) -> Result<(), DataplaneError> {
-        if let Some(l) = self.legacy.take().filter(|l| !l.resumed) {
-            // Replaces the new table's pin in one step.
-            rename_pin(&l.pin, &l.moved_from)?;
+        if let Some(l) = self.legacy.take() {
+            if self.links.is_empty() && l.stage != Stage::TakenOver {
+                // Replaces the new table's pin in one step.
+                rename_pin(&l.pin, &l.moved_from)?;
+            }
         }
         Ok(())
     }
@@ -480,7 +507,10 @@ impl Dataplane {
             remove_pin(path)?;
         }
         if let Some(dir) = &self.pin_dir {
-            for name in maps::ALL.iter().chain([&LEGACY_FLOWS_PIN]) {
+            for name in maps::ALL
+                .iter()
+                .chain([&LEGACY_FLOWS_PIN, &LEGACY_FLOWS_PIN_TAKEN_OVER])
+            {
                 remove_pin(&dir.join(name))?;
             }
             // Only empty: something else may share the directory.
@@ -865,28 +895,43 @@ pub struct Migration {
 /// Where a migrating load moves the older flow table's pin (bpffs names
 /// take no dots).
 pub const LEGACY_FLOWS_PIN: &str = "XLB_FLOWS_72_BYTE_SLOTS";
+/// The same once this program has taken the VIP interface's link over.
+pub const LEGACY_FLOWS_PIN_TAKEN_OVER: &str = "XLB_FLOWS_72_BYTE_SLOTS_TAKEN_OVER";
+
+/// How far a migration had gone when a load found the older table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// At `XLB_FLOWS`: this load starts the migration.
+    Fresh,
+    /// At `LEGACY_FLOWS_PIN`: a start copied it and stopped before its
+    /// takeover; the older program may still run on the VIP interface.
+    Copied,
+    /// At `LEGACY_FLOWS_PIN_TAKEN_OVER`: a start took the links over and
+    /// stopped before it finished.
+    TakenOver,
+}
 
 /// A pinned flow table of the older layout, moved aside during a load.
 struct Legacy {
     table: LegacyTable,
-    /// Where its pin was (`XLB_FLOWS`), and where it is now
-    /// (`LEGACY_FLOWS_PIN`).
+    /// Where its pin was (`XLB_FLOWS`), and where it is now.
     moved_from: PathBuf,
     pin: PathBuf,
-    /// Found at `LEGACY_FLOWS_PIN` already: a start stopped between the
-    /// move and `finish_migration` (a crash, a kill), and this one goes on
-    /// from there.
-    resumed: bool,
+    stage: Stage,
 }
 
 /// The older flow table in `dir`, if there is one with this
-/// configuration's bucket count: at `LEGACY_FLOWS_PIN` (a migration to go
-/// on with), else at `XLB_FLOWS` (one to start). Anything else is left to
-/// `check_pinned`.
+/// configuration's bucket count: at one of the moved names (a migration to
+/// go on with), else at `XLB_FLOWS` (one to start). Anything else is left
+/// to `check_pinned`.
 fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, DataplaneError> {
     let moved_from = dir.join(maps::FLOWS);
-    let pin = dir.join(LEGACY_FLOWS_PIN);
-    for (path, resumed) in [(&pin, true), (&moved_from, false)] {
+    for (name, stage) in [
+        (LEGACY_FLOWS_PIN_TAKEN_OVER, Stage::TakenOver),
+        (LEGACY_FLOWS_PIN, Stage::Copied),
+        (maps::FLOWS, Stage::Fresh),
+    ] {
+        let path = &dir.join(name);
         if !path.exists() {
             continue;
         }
@@ -904,8 +949,12 @@ fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, Datapla
         return Ok(Some(Legacy {
             table: LegacyTable::new(map, buckets)?,
             moved_from: moved_from.clone(),
-            pin: pin.clone(),
-            resumed,
+            pin: if stage == Stage::Fresh {
+                dir.join(LEGACY_FLOWS_PIN)
+            } else {
+                path.clone()
+            },
+            stage,
         }));
     }
     Ok(None)

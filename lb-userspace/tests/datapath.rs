@@ -1535,7 +1535,7 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     );
 
     // A start that copies the table, brings the copy up to date just
-    // before the takeover, then dies before it finishes.
+    // before its takeover, then dies before the takeover.
     let mut crashed = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
     assert_eq!(
         aya::maps::MapInfo::from_pin(&pin)
@@ -1547,9 +1547,15 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     for (k, v) in &flows {
         assert_eq!(crashed.flow(k), Some(*v), "copied at load: {k:?}");
     }
-    // Meanwhile the older program closes one flow and makes another.
-    let (closing_at, closing_key, mut closing) = legacy[2];
-    closing.flags = lb_common::FLOW_F_CLOSED;
+    // Meanwhile the older program closes an open flow and makes another.
+    let &(closing_at, closing_key, open) = legacy
+        .iter()
+        .find(|(_, _, v)| v.flags == 0)
+        .expect("an open flow");
+    let closing = FlowValue {
+        flags: lb_common::FLOW_F_CLOSED,
+        ..open
+    };
     older.write(closing_at, &closing_key, &closing);
     let mut made = |port: u16| {
         let key = flow4(CLIENT4, VIP4_THREE, port, 80, PROTO_TCP);
@@ -1574,15 +1580,30 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         "both tables pinned after the crash"
     );
 
-    // The next start goes on with the migration.
-    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
-    assert!(h.dp.adopted());
-    assert_eq!(h.dp.flow(&closing_key), Some(closing));
-    assert_eq!(h.dp.flow(&late_key), Some(late));
-    // One more flow of the older program, made before this start's
-    // program took the links over.
+    // The next start goes on with it, syncs again (the older program may
+    // still run), takes over, and dies before it finishes.
     let (later_at, later_key, later) = made(55101);
     older.write(later_at, &later_key, &later);
+    let mut crashed = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
+    assert_eq!(crashed.sync_migration().expect("sync"), flows.len() + 2);
+    assert_eq!(crashed.flow(&later_key), Some(later));
+    crashed.mark_taken_over().expect("takeover recorded");
+    let taken = dir.join(xdplb::dataplane::LEGACY_FLOWS_PIN_TAKEN_OVER);
+    assert!(taken.exists() && !moved.exists());
+    drop(crashed);
+
+    // The next start goes on after the takeover: the new table's entries
+    // win over the older table's, only missing flows are copied.
+    h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
+    assert!(h.dp.adopted());
+    let newer = FlowValue {
+        backend: flows[0].1.backend,
+        generation: flows[0].1.generation,
+        ..late
+    };
+    h.dp.insert_flow(&late_key, &newer).expect("a newer entry");
+    let (last_at, last_key, last) = made(55102);
+    older.write(last_at, &last_key, &last);
     h.state = State::default();
     h.state.adopt(&h.dp).expect("adopt state");
     h.state
@@ -1591,14 +1612,20 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     assert_eq!(
         h.dp.sync_migration().expect("sync"),
         0,
-        "resuming: the new table's entries win"
+        "after the takeover: no overwrite"
     );
     let m =
         h.dp.finish_migration()
             .expect("finish")
             .expect("a migration");
     assert_eq!((m.late, m.dropped), (1, 0));
-    assert_eq!(h.dp.flow(&later_key), Some(later), "the later flow copied");
+    assert_eq!(h.dp.flow(&last_key), Some(last), "the last flow copied");
+    assert_eq!(
+        h.dp.flow(&late_key),
+        Some(newer),
+        "the new table's entry kept"
+    );
+    assert!(!taken.exists(), "older table unpinned");
     assert!(!moved.exists(), "older table unpinned");
     assert_eq!(h.dp.finish_migration().expect("again"), None);
     drop(older);
