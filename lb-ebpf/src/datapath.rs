@@ -536,15 +536,16 @@ fn schedule(
     if id == EMPTY_SLOT {
         return Err(Reason::DropNoBackend);
     }
-    let backend = XLB_BACKENDS.get(id).ok_or(Reason::DropBackendInvalid)?;
-    if backend.generation == 0 {
+    let entry = XLB_BACKENDS.get(id).ok_or(Reason::DropBackendInvalid)?;
+    if entry.generation == 0 {
         return Err(Reason::DropBackendInvalid);
     }
+    let backend: *const Backend = entry;
     let closing = is_closing(tcp_flags);
     let value = FlowValue {
         // Below MAX_BACKENDS: XLB_BACKENDS has an entry for it.
         backend: id as u16,
-        generation: backend.generation,
+        generation: entry.generation,
         last_seen_ns: clock(),
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
@@ -552,7 +553,7 @@ fn schedule(
         // Contended past the bound: the ring's answer (the same until the
         // backend set changes), unrecorded and uncounted; the flow's next
         // packet tries again.
-        return Ok((id, backend as *const Backend, false));
+        return Ok((id, backend, false));
     }
     let made = match flows::find_locked(b, words) {
         // SAFETY (seq_of, write): a valid map value pointer in the bucket
@@ -579,12 +580,12 @@ fn schedule(
     };
     flows::unlock(b);
     if !made {
-        return Ok(follow(words, b, tcp_flags, (id, backend as *const Backend)));
+        return Ok(follow(words, b, tcp_flags, (id, backend)));
     }
     if closing {
         count_closed(id);
     }
-    Ok((id, backend as *const Backend, true))
+    Ok((id, backend, true))
 }
 
 #[inline(always)]

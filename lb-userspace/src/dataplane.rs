@@ -236,7 +236,7 @@ impl Dataplane {
         if let Some(l) = moved {
             rename_pin(&l.moved_from, &l.pin)?;
         }
-        match Self::load_object(loader, settings, pin_dir, adopted, legacy.as_ref()) {
+        match Self::load_object(loader, settings, buckets, pin_dir, adopted, legacy.as_ref()) {
             Ok(mut dp) => {
                 dp.legacy = legacy;
                 Ok(dp)
@@ -259,11 +259,11 @@ impl Dataplane {
     fn load_object(
         mut loader: EbpfLoader<'_>,
         settings: DatapathSettings,
+        buckets: u32,
         pin_dir: Option<&Path>,
         adopted: bool,
         legacy: Option<&Legacy>,
     ) -> Result<Self, DataplaneError> {
-        let buckets = buckets_for(settings.flow_table_size);
         let mut ebpf = loader.load(OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(programs::LB)
@@ -310,7 +310,7 @@ impl Dataplane {
                 // A start that stopped half-way left the new table, which
                 // an egress link, or after a takeover every link, may use
                 // already: only what it lacks, wherever it fits.
-                dp.copy_missing(&flows)?
+                dp.copy_flows(&flows, false)?
             };
             tracing::info!(
                 "copied {copied} of {} flows from the pinned flow table of 72-byte slots \
@@ -334,15 +334,22 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Copies the flows the new table does not have; returns how many it
-    /// copied and how many found both their buckets full.
-    fn copy_missing(
+    /// Copies `flows` into the new table: over the entries it has if
+    /// `overwrite`, else only those it lacks. Returns how many it wrote and
+    /// how many found both their buckets full.
+    fn copy_flows(
         &self,
         flows: &[((u32, u32), FlowKey, FlowValue)],
+        overwrite: bool,
     ) -> Result<(usize, usize), DataplaneError> {
         let (mut copied, mut full) = (0, 0);
         for (_, key, value) in flows {
-            match self.flows.insert_new(key, value) {
+            let written = if overwrite {
+                self.flows.insert(key, value).map(|()| true)
+            } else {
+                self.flows.insert_new(key, value)
+            };
+            match written {
                 Ok(true) => copied += 1,
                 Ok(false) => {}
                 Err(FlowTableError::BucketFull { .. }) => full += 1,
@@ -362,15 +369,7 @@ impl Dataplane {
         let Some(l) = self.legacy.as_ref().filter(|l| l.stage != Stage::TakenOver) else {
             return Ok(0);
         };
-        let mut written = 0;
-        for (_, key, value) in l.table.flows() {
-            match self.flows.insert(&key, &value) {
-                Ok(()) => written += 1,
-                Err(FlowTableError::BucketFull { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(written)
+        Ok(self.copy_flows(&l.table.flows(), true)?.0)
     }
 
     /// Records, right after the VIP interface's link runs this program,
@@ -397,7 +396,7 @@ impl Dataplane {
         let Some(l) = self.legacy.take() else {
             return Ok(None);
         };
-        let (late, dropped) = self.copy_missing(&l.table.flows())?;
+        let (late, dropped) = self.copy_flows(&l.table.flows(), false)?;
         remove_pin(&l.pin)?;
         Ok(Some(Migration { late, dropped }))
     }
@@ -855,19 +854,29 @@ impl Dataplane {
     }
 }
 
+fn opening_error(path: &Path, source: MapError) -> DataplaneError {
+    DataplaneError::Map {
+        context: format!("opening pinned map {}", path.display()),
+        source,
+    }
+}
+
+/// (key size, value size, max entries) of the map pinned at `path`.
+fn pinned_layout(path: &Path) -> Result<(u32, u32, u32), DataplaneError> {
+    let info = MapInfo::from_pin(path).map_err(|source| opening_error(path, source))?;
+    Ok((info.key_size(), info.value_size(), info.max_entries()))
+}
+
 fn check_pinned(
     path: &Path,
     dir: &Path,
     (key, value, max): (u32, u32, u32),
 ) -> Result<(), DataplaneError> {
-    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::Map {
-        context: format!("opening pinned map {}", path.display()),
-        source,
-    })?;
+    let (got_key, got_value, got_max) = pinned_layout(path)?;
     for (what, got, want) in [
-        ("key size", info.key_size(), key),
-        ("value size", info.value_size(), value),
-        ("max entries", info.max_entries(), max),
+        ("key size", got_key, key),
+        ("value size", got_value, value),
+        ("max entries", got_max, max),
     ] {
         if got != want {
             return Err(DataplaneError::PinnedMismatch {
@@ -935,17 +944,10 @@ fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, Datapla
         if !path.exists() {
             continue;
         }
-        let opened = |source| DataplaneError::Map {
-            context: format!("opening pinned map {}", path.display()),
-            source,
-        };
-        let info = MapInfo::from_pin(path).map_err(opened)?;
-        if (info.key_size(), info.value_size(), info.max_entries())
-            != (4, LEGACY_BUCKET_BYTES, buckets)
-        {
+        if pinned_layout(path)? != (4, LEGACY_BUCKET_BYTES, buckets) {
             continue;
         }
-        let map = MapData::from_pin(path).map_err(opened)?;
+        let map = MapData::from_pin(path).map_err(|source| opening_error(path, source))?;
         return Ok(Some(Legacy {
             table: LegacyTable::new(map, buckets)?,
             moved_from: moved_from.clone(),

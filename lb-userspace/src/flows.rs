@@ -45,9 +45,13 @@ fn mapping_len(buckets: u32) -> usize {
     buckets as usize * size_of::<FlowBucket>()
 }
 
-/// A shared mapping of `bytes` of an mmapable map; the caller unmaps it
-/// (the kernel checks the length against the map).
-fn map_shared(map: &MapData, bytes: usize, prot: i32) -> Result<NonNull<u8>, FlowTableError> {
+/// A shared mapping of `bytes` of the mmapable map `fd`; the caller unmaps
+/// it (the kernel checks the length against the map).
+fn map_shared(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bytes: usize,
+    prot: i32,
+) -> Result<NonNull<u8>, FlowTableError> {
     // SAFETY: a fresh shared mapping of the map's fd; each owner unmaps it
     // in Drop, after which nothing reads it.
     let addr = unsafe {
@@ -56,7 +60,7 @@ fn map_shared(map: &MapData, bytes: usize, prot: i32) -> Result<NonNull<u8>, Flo
             bytes,
             prot,
             libc::MAP_SHARED,
-            map.fd().as_fd().as_raw_fd(),
+            fd.as_raw_fd(),
             0,
         )
     };
@@ -94,7 +98,7 @@ impl FlowTable {
     /// `lb_common::flow_table::buckets_for`) into memory.
     pub fn new(map: Array<MapData, FlowBucket>, buckets: u32) -> Result<Self, FlowTableError> {
         let base = map_shared(
-            map.map(),
+            map.map().fd().as_fd(),
             mapping_len(buckets),
             libc::PROT_READ | libc::PROT_WRITE,
         )?;
@@ -244,25 +248,23 @@ impl FlowTable {
             .map(|s| s.value)
     }
 
-    /// Copies of the slots that hold a flow.
-    fn occupied(&self) -> impl Iterator<Item = FlowSlot> + '_ {
+    /// Copies of the slots that hold a flow, with their indexes.
+    fn occupied(&self) -> impl Iterator<Item = (u32, FlowSlot)> + '_ {
         (0..self.slots())
-            .filter_map(|i| self.read(i))
-            .filter(|s| s.key.family != 0)
+            .filter_map(|i| self.read(i).map(|s| (i, s)))
+            .filter(|(_, s)| s.key.family != 0)
     }
 
     /// Every flow in the table with its (bucket, way).
     pub fn placed(&self) -> Vec<((u32, u32), FlowKey, FlowValue)> {
-        (0..self.slots())
-            .filter_map(|i| self.read(i).map(|s| (i, s)))
-            .filter(|(_, s)| s.key.family != 0)
+        self.occupied()
             .map(|(i, s)| ((i / FLOW_WAYS, i % FLOW_WAYS), s.key, s.value))
             .collect()
     }
 
     /// Every flow in the table.
     pub fn entries(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.occupied().map(|s| (s.key, s.value)).collect()
+        self.occupied().map(|(_, s)| (s.key, s.value)).collect()
     }
 
     pub fn count(&self) -> usize {
@@ -292,9 +294,7 @@ impl FlowTable {
         for &((bucket, way), key, value) in flows {
             let index = slot_index((bucket, way));
             let free = self.locked([bucket, bucket], || {
-                // SAFETY: in bounds, under the lock.
-                let free =
-                    unsafe { ptr::read_volatile(&raw const (*self.slot(index)).key.family) == 0 };
+                let free = self.is_free_locked(index);
                 if free {
                     self.write_locked(index, &key, &value);
                 }
@@ -305,19 +305,30 @@ impl FlowTable {
         Ok(copied)
     }
 
-    /// Writes `key`'s entry into an empty slot of its buckets unless they
-    /// hold it already: `Ok(false)` then, and the entry there stays.
-    pub fn insert_new(&self, key: &FlowKey, value: &FlowValue) -> Result<bool, FlowTableError> {
+    /// Whether slot `index`, in a bucket whose lock is held, is empty.
+    fn is_free_locked(&self, index: u32) -> bool {
+        // SAFETY: in bounds; keys only change under the lock the caller
+        // holds.
+        unsafe { ptr::read_volatile(&raw const (*self.slot(index)).key.family) == 0 }
+    }
+
+    /// Writes `key`'s entry into its slot if it has one and `overwrite`
+    /// (`Ok(true)`; `Ok(false)` if it has one and not `overwrite`), else
+    /// into an empty slot of its buckets (`Ok(true)`).
+    fn write_entry(
+        &self,
+        key: &FlowKey,
+        value: &FlowValue,
+        overwrite: bool,
+    ) -> Result<bool, FlowTableError> {
         let pair = self.pair(key);
         self.locked(pair, || {
-            if self.index_locked(pair, key).is_some() {
-                return Ok(false);
-            }
-            let free = Self::candidates(pair).find(|&i| {
-                // SAFETY: in bounds, under the lock.
-                unsafe { ptr::read_volatile(&raw const (*self.slot(i)).key.family) == 0 }
-            });
-            match free {
+            let index = match self.index_locked(pair, key) {
+                Some(_) if !overwrite => return Ok(false),
+                Some(i) => Some(i),
+                None => Self::candidates(pair).find(|&i| self.is_free_locked(i)),
+            };
+            match index {
                 Some(i) => {
                     self.write_locked(i, key, value);
                     Ok(true)
@@ -327,26 +338,17 @@ impl FlowTable {
         })?
     }
 
+    /// Writes `key`'s entry into an empty slot of its buckets unless they
+    /// hold it already: `Ok(false)` then, and the entry there stays.
+    pub fn insert_new(&self, key: &FlowKey, value: &FlowValue) -> Result<bool, FlowTableError> {
+        self.write_entry(key, value, false)
+    }
+
     /// Writes `key`'s entry: over its slot, else into an empty one of its
     /// buckets. (The datapath evicts when both are full; the daemon writes
-    /// entries only in tests and never evicts.)
+    /// entries only in tests and migrations and never evicts.)
     pub fn insert(&self, key: &FlowKey, value: &FlowValue) -> Result<(), FlowTableError> {
-        let pair = self.pair(key);
-        self.locked(pair, || {
-            let index = self.index_locked(pair, key).or_else(|| {
-                Self::candidates(pair).find(|&i| {
-                    // SAFETY: in bounds, under the lock.
-                    unsafe { ptr::read_volatile(&raw const (*self.slot(i)).key.family) == 0 }
-                })
-            });
-            match index {
-                Some(i) => {
-                    self.write_locked(i, key, value);
-                    Ok(())
-                }
-                None => Err(FlowTableError::BucketFull { bucket: pair[0] }),
-            }
-        })?
+        self.write_entry(key, value, true).map(|_| ())
     }
 }
 
@@ -371,6 +373,16 @@ const LEGACY_GENERATION: usize = 52;
 const LEGACY_LAST_SEEN: usize = 56;
 const LEGACY_FLAGS: usize = 64;
 
+/// Bytes of a table of the older layout with `buckets` buckets.
+fn legacy_len(buckets: u32) -> usize {
+    buckets as usize * LEGACY_BUCKET_BYTES as usize
+}
+
+/// Byte offset of slot (bucket, way) in a table of the older layout.
+fn legacy_offset((bucket, way): (u32, u32)) -> usize {
+    legacy_len(bucket) + way as usize * LEGACY_SLOT_BYTES
+}
+
 /// A flow table of the 72-byte-slot layout, mapped read-only: what a
 /// daemon of this build copies into its own table when it adopts the pins
 /// of an older one. Its addressing (bucket count for a flow table size,
@@ -389,8 +401,7 @@ unsafe impl Send for LegacyTable {}
 impl LegacyTable {
     /// Maps `map` (`buckets` entries of `LEGACY_BUCKET_BYTES`) read-only.
     pub fn new(map: MapData, buckets: u32) -> Result<Self, FlowTableError> {
-        let bytes = buckets as usize * LEGACY_BUCKET_BYTES as usize;
-        let base = map_shared(&map, bytes, libc::PROT_READ)?;
+        let base = map_shared(map.fd().as_fd(), legacy_len(buckets), libc::PROT_READ)?;
         Ok(Self {
             _map: map,
             base,
@@ -415,8 +426,7 @@ impl LegacyTable {
     }
 
     fn read(&self, bucket: u32, way: u32) -> Option<(FlowKey, FlowValue)> {
-        let offset =
-            bucket as usize * LEGACY_BUCKET_BYTES as usize + way as usize * LEGACY_SLOT_BYTES;
+        let offset = legacy_offset((bucket, way));
         // SAFETY: inside the mapping (bucket < buckets, way < FLOW_WAYS);
         // slots start 8-byte aligned (the mapping is page-aligned and 72 is
         // a multiple of 8), so every field below is aligned for its type.
@@ -470,12 +480,7 @@ impl LegacyTable {
 impl Drop for LegacyTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, not used after this.
-        unsafe {
-            libc::munmap(
-                self.base.as_ptr().cast(),
-                self.buckets as usize * LEGACY_BUCKET_BYTES as usize,
-            )
-        };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), legacy_len(self.buckets)) };
     }
 }
 
@@ -509,23 +514,10 @@ impl LegacyFixture {
         }
         // SAFETY: the fd BPF_MAP_CREATE returned, owned from here.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        let len = buckets as usize * LEGACY_BUCKET_BYTES as usize;
-        // SAFETY: a fresh shared mapping of the new map, unmapped in Drop.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let len = legacy_len(buckets);
         let fixture = Self {
-            base: NonNull::new(addr.cast()).ok_or_else(|| std::io::Error::other("mmap: null"))?,
+            base: map_shared(fd.as_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
+                .map_err(std::io::Error::other)?,
             len,
         };
         for &(at, key, value) in flows {
@@ -545,8 +537,7 @@ impl LegacyFixture {
 
     /// Writes one slot as the older program did (seq 2: written, even).
     pub fn write(&self, (bucket, way): (u32, u32), key: &FlowKey, v: &FlowValue) {
-        let offset =
-            bucket as usize * LEGACY_BUCKET_BYTES as usize + way as usize * LEGACY_SLOT_BYTES;
+        let offset = legacy_offset((bucket, way));
         assert!(
             offset + LEGACY_SLOT_BYTES <= self.len,
             "slot ({bucket}, {way})"
