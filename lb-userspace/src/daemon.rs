@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -329,6 +329,7 @@ impl Daemon {
         if let Err(e) = dp.mark_taken_over() {
             tracing::warn!("recording the flow table migration's takeover: {e}");
         }
+        let migration_pin = dp.migration_pin().map(Path::to_path_buf);
         match dp.finish_migration() {
             Ok(Some(m)) => tracing::info!(
                 "flow table migrated: {} more flows the older program made meanwhile copied \
@@ -340,7 +341,7 @@ impl Daemon {
             Err(e) => tracing::warn!(
                 "finishing the flow table's migration: {e}; the older table stays pinned \
                  ({}) and the next start goes on with it",
-                crate::dataplane::LEGACY_FLOWS_PIN
+                migration_pin.unwrap_or_default().display()
             ),
         }
         let actual = attached_mode(&cfg.interface, how, mode);

@@ -379,12 +379,20 @@ impl Dataplane {
     /// older one.
     pub fn mark_taken_over(&mut self) -> Result<(), DataplaneError> {
         if let Some(l) = self.legacy.as_mut().filter(|l| l.stage != Stage::TakenOver) {
+            // Taken over whether or not the rename works: this start's
+            // finish copies only what the new table lacks either way.
+            l.stage = Stage::TakenOver;
             let taken = l.moved_from.with_file_name(LEGACY_FLOWS_PIN_TAKEN_OVER);
             rename_pin(&l.pin, &taken)?;
             l.pin = taken;
-            l.stage = Stage::TakenOver;
         }
         Ok(())
+    }
+
+    /// The older table's pin while a migration is under way (where
+    /// `finish_migration` leaves it if it fails).
+    pub fn migration_pin(&self) -> Option<&Path> {
+        self.legacy.as_ref().map(|l| l.pin.as_path())
     }
 
     /// After an adopted start that found a flow table of the older layout
@@ -402,14 +410,16 @@ impl Dataplane {
     }
 
     /// Undoes the pin move of a migrating load that will not finish (the
-    /// start failed before `finish_migration`): if no link runs this
-    /// program, the older table's pin goes back where it was, in place of
-    /// the new table's, for the program that still uses it. If one does
-    /// (an egress link taken over, or the takeover done), both pins stay
-    /// and the next start goes on with the migration.
+    /// start failed before `finish_migration`): if this load started the
+    /// migration and no link runs this program, the older table's pin goes
+    /// back where it was, in place of the new table's, for the program
+    /// that still uses it. Otherwise both pins stay and the next start
+    /// goes on with the migration: a link runs this program (an egress
+    /// link taken over, or the takeover done), or an earlier start made
+    /// the new table, which a link it took over may use still.
     pub fn abandon_migration(&mut self) -> Result<(), DataplaneError> {
         if let Some(l) = self.legacy.take() {
-            if self.links.is_empty() && l.stage != Stage::TakenOver {
+            if l.stage == Stage::Fresh && self.links.is_empty() {
                 // Replaces the new table's pin in one step.
                 rename_pin(&l.pin, &l.moved_from)?;
             }
@@ -913,7 +923,10 @@ enum Stage {
     /// At `XLB_FLOWS`: this load starts the migration.
     Fresh,
     /// At `LEGACY_FLOWS_PIN`: a start copied it and stopped before its
-    /// takeover; the older program may still run on the VIP interface.
+    /// takeover (or after it, before recording it); the older program may
+    /// still run on the VIP interface. A load that finds no loaded program
+    /// using the older table takes it for `TakenOver`
+    /// (`older_program_may_run`).
     Copied,
     /// At `LEGACY_FLOWS_PIN_TAKEN_OVER`: a start took the links over and
     /// stopped before it finished.
@@ -948,7 +961,7 @@ fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, Datapla
             continue;
         }
         let map = MapData::from_pin(path).map_err(|source| opening_error(path, source))?;
-        return Ok(Some(Legacy {
+        let mut legacy = Legacy {
             table: LegacyTable::new(map, buckets)?,
             moved_from: moved_from.clone(),
             pin: if stage == Stage::Fresh {
@@ -957,9 +970,50 @@ fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, Datapla
                 path.clone()
             },
             stage,
-        }));
+        };
+        if stage == Stage::Copied && !older_program_may_run(&legacy.table) {
+            // The start before took the VIP interface's link over and died
+            // before it renamed the pin, or the older program's links are
+            // gone: nothing writes the older table, so the new one's
+            // entries win. Recorded for the next start too.
+            legacy.stage = Stage::TakenOver;
+            let taken = dir.join(LEGACY_FLOWS_PIN_TAKEN_OVER);
+            match rename_pin(&legacy.pin, &taken) {
+                Ok(()) => legacy.pin = taken,
+                Err(e) => {
+                    tracing::warn!("recording that no program uses the older flow table: {e}")
+                }
+            }
+        }
+        return Ok(Some(legacy));
     }
     Ok(None)
+}
+
+/// Whether a loaded BPF program uses the older flow table `table` (lists
+/// its map), so that it may still write it: the kernel's answer to
+/// whether the older program still runs anywhere, whatever the pins say.
+/// True if the kernel's list cannot be read (the cautious answer: the
+/// older table is synced into the new one before the takeover).
+fn older_program_may_run(table: &LegacyTable) -> bool {
+    let id = match table.map_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("reading the older flow table's map id: {e}");
+            return true;
+        }
+    };
+    for program in aya::programs::loaded_programs() {
+        // A program unloaded since the kernel listed its id fails here:
+        // it no longer uses anything.
+        let Ok(program) = program else { continue };
+        match program.map_ids() {
+            Ok(Some(ids)) if ids.contains(&id) => return true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return true,
+        }
+    }
+    false
 }
 
 fn rename_pin(from: &Path, to: &Path) -> Result<(), DataplaneError> {

@@ -390,7 +390,7 @@ fn legacy_offset((bucket, way): (u32, u32)) -> usize {
 /// goes to the same bucket and way.
 pub struct LegacyTable {
     /// Keeps the map (and so the mapping's object) alive.
-    _map: MapData,
+    map: MapData,
     base: NonNull<u8>,
     buckets: u32,
 }
@@ -402,11 +402,12 @@ impl LegacyTable {
     /// Maps `map` (`buckets` entries of `LEGACY_BUCKET_BYTES`) read-only.
     pub fn new(map: MapData, buckets: u32) -> Result<Self, FlowTableError> {
         let base = map_shared(map.fd().as_fd(), legacy_len(buckets), libc::PROT_READ)?;
-        Ok(Self {
-            _map: map,
-            base,
-            buckets,
-        })
+        Ok(Self { map, base, buckets })
+    }
+
+    /// The kernel's id of the table's map (programs that use it list it).
+    pub fn map_id(&self) -> Result<u32, aya::maps::MapError> {
+        Ok(self.map.info()?.id())
     }
 
     /// Every flow with its (bucket, way), each read whole (the seqlock
@@ -490,6 +491,7 @@ impl Drop for LegacyTable {
 /// used by the daemon.
 #[doc(hidden)]
 pub struct LegacyFixture {
+    fd: std::os::fd::OwnedFd,
     base: NonNull<u8>,
     len: usize,
 }
@@ -519,6 +521,7 @@ impl LegacyFixture {
             base: map_shared(fd.as_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
                 .map_err(std::io::Error::other)?,
             len,
+            fd,
         };
         for &(at, key, value) in flows {
             fixture.write(at, &key, &value);
@@ -527,12 +530,44 @@ impl LegacyFixture {
         // BPF_OBJ_PIN (6): pathname, bpf_fd.
         let mut pin = [0u64; 16];
         pin[0] = c_path.as_ptr() as u64;
-        pin[1] = fd.as_raw_fd() as u64;
+        pin[1] = fixture.fd.as_raw_fd() as u64;
         // SAFETY: a zero-padded bpf_attr of the size given.
         if unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(fixture)
+    }
+
+    /// Loads a program that uses the table, as the older build's program
+    /// did: the kernel lists the table's map among the program's maps
+    /// while the returned fd keeps it loaded (what `Dataplane` asks to tell
+    /// whether the older program may still run).
+    pub fn program_using_it(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        // bpf_insn words: code, dst_reg | src_reg << 4, off, imm.
+        let insn = |code: u64, regs: u64, imm: u64| code | (regs << 8) | (imm << 32);
+        let insns = [
+            // r1 = the map (BPF_LD_IMM64, src_reg BPF_PSEUDO_MAP_FD).
+            insn(0x18, 1 | (1 << 4), self.fd.as_raw_fd() as u64),
+            0,
+            // r0 = 0; exit.
+            insn(0xb7, 0, 0),
+            insn(0x95, 0, 0),
+        ];
+        let license = c"GPL";
+        // BPF_PROG_LOAD (5): prog_type BPF_PROG_TYPE_SOCKET_FILTER (1),
+        // insn_cnt, insns, license; the rest of the attribute 0.
+        let mut attr = [0u64; 16];
+        attr[0] = 1 | ((insns.len() as u64) << 32);
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        // SAFETY: a zero-padded bpf_attr of the size given, pointing at
+        // live buffers.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), 128) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd BPF_PROG_LOAD returned, owned from here.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
     }
 
     /// Writes one slot as the older program did (seq 2: written, even).

@@ -1534,6 +1534,11 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         "the older table is back at its pin"
     );
 
+    // The older build's program, running on the VIP interface until a
+    // start takes its link over (the kernel lists the table among its
+    // maps).
+    let older_program = older.program_using_it().expect("the older program");
+
     // A start that copies the table, brings the copy up to date just
     // before its takeover, then dies before the takeover.
     let mut crashed = Dataplane::load(cfg.datapath, Some(&dir)).expect("migrating load");
@@ -1580,22 +1585,71 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
         "both tables pinned after the crash"
     );
 
-    // The next start goes on with it, syncs again (the older program may
-    // still run), takes over, and dies before it finishes.
+    // A start that goes on with it and fails before it attaches leaves
+    // both pins: the new table is the earlier start's, which a link it
+    // took over could be using.
+    let mut failed = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
+    failed.abandon_migration().expect("abandon");
+    drop(failed);
+    assert!(
+        moved.exists() && pin.exists(),
+        "both tables still pinned after a failed resumed start"
+    );
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(&pin)
+            .expect("pin")
+            .value_size() as usize,
+        std::mem::size_of::<lb_common::FlowBucket>(),
+        "the new table stays at the pin"
+    );
+
+    // The next start goes on with it and syncs again, overwriting (the
+    // older program still runs: it closed another flow and made one),
+    // takes over, and dies before it finishes.
+    let &(closing2_at, closing2_key, open2) = legacy
+        .iter()
+        .find(|(_, k, v)| v.flags == 0 && *k != closing_key)
+        .expect("another open flow");
+    let closing2 = FlowValue {
+        flags: lb_common::FLOW_F_CLOSED,
+        ..open2
+    };
+    older.write(closing2_at, &closing2_key, &closing2);
     let (later_at, later_key, later) = made(55101);
     older.write(later_at, &later_key, &later);
     let mut crashed = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
+    assert_eq!(
+        crashed.flow(&closing2_key),
+        Some(open2),
+        "the load copies only what the new table lacks"
+    );
     assert_eq!(crashed.sync_migration().expect("sync"), flows.len() + 2);
     assert_eq!(crashed.flow(&later_key), Some(later));
+    assert_eq!(
+        crashed.flow(&closing2_key),
+        Some(closing2),
+        "the older program's close reaches the new table"
+    );
     crashed.mark_taken_over().expect("takeover recorded");
     let taken = dir.join(xdplb::dataplane::LEGACY_FLOWS_PIN_TAKEN_OVER);
     assert!(taken.exists() && !moved.exists());
     drop(crashed);
 
+    // Had it died between the takeover and that record, the pin would
+    // still say "copied"; but the older program stopped with the takeover,
+    // and the next start asks the kernel: no program uses the older table,
+    // so the new table's entries win, and the pin says so from then on.
+    std::fs::rename(&taken, &moved).expect("the pin as it was before the record");
+    drop(older_program);
+
     // The next start goes on after the takeover: the new table's entries
     // win over the older table's, only missing flows are copied.
     h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("resuming load");
     assert!(h.dp.adopted());
+    assert!(
+        taken.exists() && !moved.exists(),
+        "a copied-stage pin that no program uses is recorded as taken over"
+    );
     let newer = FlowValue {
         backend: flows[0].1.backend,
         generation: flows[0].1.generation,
