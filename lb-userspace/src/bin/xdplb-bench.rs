@@ -112,13 +112,17 @@ const TCP_ACK: u8 = 0x10;
 /// 1 VIP, 3 backends, the default ring size and VIP slots, 2^20 flows.
 /// `lo`: BPF_PROG_TEST_RUN reports the loopback device as ingress, so the
 /// backends are reached by XDP_TX.
-fn kernel_config() -> String {
+/// `flow_table_size` of the second load balancer the in-kernel benchmark
+/// loads: 2048 buckets of 256 bytes, 512 KiB that stay in the CPU caches.
+const CACHED_FLOW_TABLE_SIZE: u32 = 4096;
+
+fn kernel_config(flow_table_size: u32) -> String {
     format!(
         "
 interface: lo
 datapath:
   ring_size: {DEFAULT_RING_SIZE}
-  flow_table_size: {FLOW_TABLE_SIZE}
+  flow_table_size: {flow_table_size}
 vips:
   - name: bench
     address: 10.200.100.1
@@ -687,15 +691,24 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ifindex: 1,
         mac: MacAddr(LB_MAC),
     }]);
-    let (mut dp, _state) = load_lb(&kernel_config(), &mut resolver)?;
+    let (mut dp, _state) = load_lb(&kernel_config(FLOW_TABLE_SIZE), &mut resolver)?;
     let table_size = dp.settings().flow_table_size;
     ensure!(
         table_size >= FLOW_TABLE_SIZE,
         "the flow table must hold at least {FLOW_TABLE_SIZE} entries"
     );
+    // The same datapath and VIP with a flow table small enough to stay in
+    // the caches: (b) without its memory latency.
+    let (mut cached_dp, _cached_state) =
+        load_lb(&kernel_config(CACHED_FLOW_TABLE_SIZE), &mut resolver)?;
     let mut obj = BenchObject::load(table_size)?;
     let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
     let lb_fd = dp.program_mut().fd().context("xlb_lb fd")?.try_clone()?;
+    let cached_fd = cached_dp
+        .program_mut()
+        .fd()
+        .context("xlb_lb fd (cached table)")?
+        .try_clone()?;
     let slots = slots_for(table_size);
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
@@ -704,6 +717,8 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
 
     let (mut a, mut b, mut c, mut d, mut reset) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // (b) into the cached table.
+    let mut b_cached = Vec::new();
     // The flow table alone: one hit, one insert (net of the reset step).
     let (mut hit, mut insert) = (Vec::new(), Vec::new());
     // Under the insert: one read of each of the flow's two buckets.
@@ -776,6 +791,24 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         );
         flow_entries.push(entries);
 
+        // (b) again into the table for CACHED_FLOW_TABLE_SIZE flows, which
+        // every repetition after the first 8192 evicts from.
+        jump.set(0, &cached_fd, 0)
+            .context("jump slot -> xlb_lb (cached table)")?;
+        let before = vip_totals(&cached_dp)?;
+        b_cached.push(time_run(
+            obj.program(bench::RESET),
+            &new_flow,
+            repeat,
+            XDP_TX,
+            "new_flow_cached",
+        )?);
+        let counted = vip_totals(&cached_dp)?.new_flows - before.new_flows;
+        ensure!(
+            counted == u64::from(repeat),
+            "new_flow_cached: {repeat} repetitions but {counted} new flows counted"
+        );
+
         // (c) Not a VIP: parse, flow-table miss, VIP filter miss, pass.
         c.push(time_run(
             dp.program_mut(),
@@ -841,12 +874,13 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         );
         let last = |v: &Vec<f64>| v[v.len() - 1];
         eprintln!(
-            "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns), non_vip {} ns, \
-             reflect {} ns, table hit {} ns, table insert {} ns, table touch {} ns, LRU hit {} ns, \
-             LRU insert {} ns, flow table {entries} entries",
+            "run {run}/{runs}: established {} ns, new_flow {} ns (reset {} ns, cached table {} \
+             ns), non_vip {} ns, reflect {} ns, table hit {} ns, table insert {} ns, table touch \
+             {} ns, LRU hit {} ns, LRU insert {} ns, flow table {entries} entries",
             last(&a),
             last(&b),
             last(&reset),
+            last(&b_cached),
             last(&c),
             last(&d),
             last(&hit),
@@ -878,6 +912,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     new_flow_json["net_median_filling"] = json!(net_where(false));
     new_flow_json["net_median_evicting"] = json!(net_where(true));
 
+    let (cached_json, cached_net) = net_case_json(&b_cached, &reset, reference);
     let (insert_json, insert_net) = net_case_json(&insert, &reset, reference);
     let (touch_json, touch_net) = net_case_json(&touch, &reset, reference);
     let (lru_insert_json, lru_insert_net) = net_case_json(&lru_insert, &reset, reference);
@@ -893,6 +928,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ("new_flow (net)", Some(net_median)),
         ("  while filling", net_where(false)),
         ("  while evicting", net_where(true)),
+        ("  cached table", Some(median(&cached_net))),
         ("non_vip_pass", Some(median(&c))),
         ("reference_reflect", Some(reference)),
         ("table hit alone", Some(median(&hit))),
@@ -915,6 +951,11 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
                    - reset_only of the same run, and new_flow's ratio_to_reference uses it. \
                    new_flow.evicting: the run took the flow table past flow_table_size \
                    flows; net_median_filling / net_median_evicting split the runs by it. \
+                   new_flow_cached: the same, net of the same reset runs, into a second \
+                   load balancer (same object and VIP) whose flow table holds \
+                   cached_flow_table_size flows (512 KiB, which stays in the CPU caches; \
+                   every repetition past the first 8192 evicts): (b)'s own work without its \
+                   memory latency. \
                    flow_table_hit / flow_table_insert: the floor under (a) and (b), the flow \
                    table alone (xlb_bench_flow_hit: parse, one lookup, MAC swap; \
                    xlb_bench_flow_insert behind the same reset step, net of it: one insert) \
@@ -929,10 +970,12 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         "runs": runs,
         "cpu": cpu,
         "flow_table_size": table_size,
+        "cached_flow_table_size": CACHED_FLOW_TABLE_SIZE,
         "elapsed_s": round(elapsed.as_secs_f64(), 2),
         "cases": {
             "established_tcp": case_json(&a, reference),
             "new_flow": new_flow_json,
+            "new_flow_cached": cached_json,
             "non_vip_pass": case_json(&c, reference),
             "reference_reflect": case_json(&d, reference),
             "reset_only": case_json(&reset, reference),

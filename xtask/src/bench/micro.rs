@@ -72,8 +72,9 @@ pub struct Kernel {
     pub runs: u64,
     pub cpu: u64,
     /// a, b, c, d, then the floors a0 and b0 (the flow table alone) and bM
-    /// (the memory reads under b0), then aL and bL (the same on a kernel
-    /// LRU hash, the former flow table).
+    /// (the memory reads under b0), bC (b into a table that stays in the
+    /// caches), then aL and bL (the same on a kernel LRU hash, the former
+    /// flow table).
     pub cases: Vec<KernelCase>,
     /// The reset step subtracted from the new-flow case.
     pub reset_ns: f64,
@@ -146,6 +147,13 @@ pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
             "bM",
             "floor under (b0): one read of each of the flow's two buckets (net)",
             "flow_table_touch",
+            "net_median",
+            "net_ns_per_packet",
+        )?,
+        case(
+            "bC",
+            "(b) into a flow table of 4096 flows, which stays in the caches (net)",
+            "new_flow_cached",
             "net_median",
             "net_ns_per_packet",
         )?,
