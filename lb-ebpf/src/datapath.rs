@@ -285,6 +285,11 @@ enum Track {
     /// (veth runs XDP on the sender's CPU; a NIC's RSS would keep them on
     /// one): the second finds the entry changed and follows it.
     Replace,
+    /// Not looked up without the lock: a TCP SYN, which opens a connection
+    /// (or retransmits the opening of one the table has). Under the bucket
+    /// lock an entry found is replaced if a SYN replaces it
+    /// (`replaced_by_syn`), else followed; no entry, inserted.
+    Unread,
 }
 
 /// `Track` and what goes with it. A struct with every field set on every
@@ -318,6 +323,14 @@ impl Tracked {
             seq: 0,
             count_close: false,
             backend: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn unread() -> Self {
+        Self {
+            track: Track::Unread,
+            ..Self::missing()
         }
     }
 
@@ -461,6 +474,26 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     }
 }
 
+/// What a SYN does with the entry `v` its 5-tuple has, read under the
+/// bucket lock: `Some(count_close)` to replace it (a closed flow; or an
+/// open one whose backend was replaced or removed, or is down, when a close
+/// is counted on it), `None` to follow it. The decision `tracked_backend`
+/// makes for a SYN, without the lockless read.
+#[inline(always)]
+fn replaced_by_syn(v: &FlowValue) -> Option<bool> {
+    if v.flags & FLOW_F_CLOSED != 0 {
+        return Some(false);
+    }
+    let backend = XLB_BACKENDS.get(v.backend_id())?;
+    if backend.generation == 0 || backend.generation != v.generation {
+        return Some(false);
+    }
+    if backend.flags & BACKEND_F_DOWN != 0 {
+        return Some(true);
+    }
+    None
+}
+
 /// The backend of the entry another CPU made or changed, if it can be
 /// followed; else the ring's answer (`ring`). Never a new flow.
 #[inline(always)]
@@ -506,21 +539,10 @@ fn count_evicted(old: &FlowSlot) {
     }
 }
 
-/// Schedules a flow the table does not pin on the VIP's active Maglev
-/// ring by its `hash` (`ring_hash`) and records it (`found`: `Missing` or
-/// `Replace`). Returns the backend and whether this packet made the flow
-/// (counted as a new flow). Nothing is written before the ring has
-/// answered, so a flow whose VIP has no backend right now keeps its entry
-/// as it was.
+/// The backend the VIP's active Maglev ring names for `hash`
+/// (`ring_hash`): its id and entry.
 #[inline(always)]
-fn schedule(
-    vip: &VipInfo,
-    hash: u32,
-    words: &[u64; 5],
-    b: &Buckets,
-    tcp_flags: u8,
-    found: Tracked,
-) -> Result<(u32, *const Backend, bool), Reason> {
+fn ring_pick(vip: &VipInfo, hash: u32) -> Result<(u32, *const Backend), Reason> {
     // SAFETY: read-only globals; volatile so the compiler does not fold the
     // compiled-in defaults over the values the loader wrote.
     let ring_size = unsafe { core::ptr::read_volatile(&XLB_RING_SIZE) };
@@ -540,22 +562,69 @@ fn schedule(
     if entry.generation == 0 {
         return Err(Reason::DropBackendInvalid);
     }
-    let backend: *const Backend = entry;
+    Ok((id, entry))
+}
+
+/// The VIP of a packet that is not an established flow's (`key`, and its
+/// flow `flow` with slot hash `slot_hash`), and the backend its ring
+/// names for the flow.
+#[inline(always)]
+fn vip_and_pick(
+    key: &VipKey,
+    flow: &FlowKey,
+    slot_hash: u64,
+) -> Result<(u32, (u32, *const Backend)), Reason> {
+    let bit = vip_filter(key)?;
+    let vip = vip_info(key, bit).ok_or(Reason::PassNotVip)?;
+    let pick = ring_pick(&vip, ring_hash(&vip, flow, slot_hash))?;
+    Ok((vip.id, pick))
+}
+
+/// Records a flow the table does not pin (`found`: `Missing`, `Replace`
+/// or `Unread`) on the backend its VIP's ring names (`pick`). Returns the
+/// backend and whether this packet made the flow (counted as a new flow).
+/// Nothing is written before the ring has answered, so a flow whose VIP
+/// has no backend right now keeps its entry as it was.
+#[inline(always)]
+fn schedule(
+    pick: (u32, *const Backend),
+    words: &[u64; 5],
+    b: &Buckets,
+    tcp_flags: u8,
+    found: Tracked,
+) -> (u32, *const Backend, bool) {
+    let (id, backend) = pick;
     let closing = is_closing(tcp_flags);
     let value = FlowValue {
         // Below MAX_BACKENDS: XLB_BACKENDS has an entry for it.
         backend: id as u16,
-        generation: entry.generation,
+        // SAFETY: a map value pointer (`ring_pick`).
+        generation: unsafe { (*backend).generation },
         last_seen_ns: clock(),
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
     if !flows::lock(b) {
-        // Contended past the bound: the ring's answer (the same until the
-        // backend set changes), unrecorded and uncounted; the flow's next
-        // packet tries again.
-        return Ok((id, backend, false));
+        // Contended past the bound: unrecorded and uncounted, the entry
+        // the flow has if it can be followed, else the ring's answer (the
+        // same until the backend set changes); its next packet tries again.
+        return follow(words, b, tcp_flags, (id, backend));
     }
     let made = match flows::find_locked(b, words) {
+        // SAFETY (value, write): a valid map value pointer in the bucket
+        // we locked.
+        Some(slot) if found.track == Track::Unread => {
+            let old = unsafe { (*slot).value };
+            match replaced_by_syn(&old) {
+                Some(count_close) => {
+                    unsafe { flows::write(slot, words, &value) };
+                    if count_close {
+                        count_closed(old.backend_id());
+                    }
+                    true
+                }
+                None => false,
+            }
+        }
         // SAFETY (seq_of, write): a valid map value pointer in the bucket
         // we locked.
         Some(slot)
@@ -567,7 +636,8 @@ fn schedule(
             }
             true
         }
-        // Another CPU made or changed the entry since we read it.
+        // Another CPU made or changed the entry since we read it (or a
+        // SYN found one to follow).
         Some(_) => false,
         // No entry (any more): a new flow.
         None => {
@@ -580,12 +650,12 @@ fn schedule(
     };
     flows::unlock(b);
     if !made {
-        return Ok(follow(words, b, tcp_flags, (id, backend)));
+        return follow(words, b, tcp_flags, (id, backend));
     }
     if closing {
         count_closed(id);
     }
-    Ok((id, backend, true))
+    (id, backend, true)
 }
 
 #[inline(always)]
@@ -625,34 +695,46 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
         });
     }
 
-    // The flow table first: an established flow needs neither the VIP
-    // filter nor a VIP lookup (only VIP traffic makes entries, and an
-    // entry's backend names its VIP). A flow whose backend is gone (VIP
-    // removed, backend replaced) falls through to both like a new one.
+    // The flow table first, for every packet but a TCP SYN: an
+    // established flow needs neither the VIP filter nor a VIP lookup (only
+    // VIP traffic makes entries, and an entry's backend names its VIP). A
+    // flow whose backend is gone (VIP removed, backend replaced) falls
+    // through to both like a new one.
     let words = key_words(&flow);
     let flow_slot_hash = slot_hash(&words);
     let pair = bucket_pair(flow_slot_hash, flow_buckets());
     // Unreachable: the loader sizes the map with the bucket count the pair
     // is computed from.
     let b = flows::buckets(&XLB_FLOWS, &pair).ok_or(Reason::DropBackendInvalid)?;
-    let (id, backend, vip_id, new_flow) = {
-        let found = tracked_backend(&words, &b, parsed.tcp_flags);
-        if found.track == Track::Pinned {
-            // SAFETY: a map value pointer (Pinned).
-            (
-                found.id,
-                found.backend,
-                unsafe { (*found.backend).vip_id },
-                false,
-            )
+    // A TCP SYN opens a connection: it goes to its VIP and ring first, and
+    // the bucket lock then finds whether the table has the flow already (a
+    // retransmitted SYN, a reused 5-tuple); a lockless lookup first would
+    // only confirm the miss. If that fails (not a VIP, no backend), the
+    // SYN takes the common path below, which follows an entry if it has
+    // one and else fails the same way. (Both paths end in the one
+    // `schedule` below: two copies of it would double the program the
+    // verifier walks.)
+    let syn = parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let early = if syn {
+        vip_and_pick(&vip_key, &flow, flow_slot_hash).ok()
+    } else {
+        None
+    };
+    let (id, backend, vip_id, new_flow) = 'path: {
+        let (found, vip_id, pick) = if let Some((vip_id, pick)) = early {
+            (Tracked::unread(), vip_id, pick)
         } else {
-            let bit = vip_filter(&vip_key)?;
-            let vip = vip_info(&vip_key, bit).ok_or(Reason::PassNotVip)?;
-            let hash = ring_hash(&vip, &flow, flow_slot_hash);
-            let (id, backend, new_flow) =
-                schedule(&vip, hash, &words, &b, parsed.tcp_flags, found)?;
-            (id, backend, vip.id, new_flow)
-        }
+            let found = tracked_backend(&words, &b, parsed.tcp_flags);
+            if found.track == Track::Pinned {
+                // SAFETY: a map value pointer (Pinned).
+                let vip_id = unsafe { (*found.backend).vip_id };
+                break 'path (found.id, found.backend, vip_id, false);
+            }
+            let (vip_id, pick) = vip_and_pick(&vip_key, &flow, flow_slot_hash)?;
+            (found, vip_id, pick)
+        };
+        let (id, backend, new_flow) = schedule(pick, &words, &b, parsed.tcp_flags, found);
+        (id, backend, vip_id, new_flow)
     };
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;

@@ -1256,6 +1256,94 @@ fn syn_reusing_a_closed_tuple_is_a_new_flow() {
     assert_eq!(opened_closed(&h, b1), (2, 1), "the new connection is open");
 }
 
+/// A SYN goes to its VIP's ring first and finds its entry under the
+/// bucket lock (no lockless lookup): a retransmitted SYN must still follow
+/// its flow wherever the ring points now, or move it only as any packet
+/// would (a down backend, counted closed once).
+#[test]
+fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3: Vec<u16> = (54000..54400u16)
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
+        })
+        .take(2)
+        .collect();
+    let (draining, going_down) = (on_b3[0], on_b3[1]);
+    for &p in &on_b3 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    assert_eq!(opened_closed(&h, b3), (2, 0));
+
+    // Draining: the ring no longer names b3, the flow stays on it.
+    let key = three_key(&h, "10.200.0.13");
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    h.state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
+            rt.draining_since = Some(std::time::Instant::now())
+        })
+        .expect("drain");
+    let new_before = h.total_new_flows();
+    let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN));
+    assert_eq!(
+        (action, &out[0..6]),
+        (XDP_TX, &B3_MAC[..]),
+        "a retransmitted SYN stays on the draining backend"
+    );
+    assert_eq!(h.total_new_flows(), new_before, "and is not a new flow");
+
+    // Down: the flow moves to the ring's answer, closed on b3 once.
+    mark_down(&mut h, "10.200.0.13");
+    let flow = flow4(CLIENT4, VIP4_THREE, going_down, 80, PROTO_TCP);
+    let moved_to = h.reference_backend("three", &flow);
+    assert_ne!(moved_to, b3);
+    for round in 0..2 {
+        let (action, out) = h.run(&tcp4_flags(VIP4_THREE, going_down, 80, TCP_SYN));
+        assert_eq!(
+            (action, &out[0..6]),
+            (XDP_TX, &h.mac_of("three", moved_to)[..]),
+            "round {round}: a retransmitted SYN of a flow on a down backend moves"
+        );
+    }
+    assert_eq!(opened_closed(&h, b3), (2, 1), "closed on b3 once");
+    assert_eq!(
+        h.dp.flow(&flow).map(|v| v.backend_id()),
+        Some(moved_to),
+        "its entry names the new backend"
+    );
+
+    // No backend left in the ring (its only one draining): a retransmitted
+    // SYN of a tracked flow still reaches it; a new flow is dropped.
+    let (b1, _) = h.backend("single-tcp", "10.200.0.11");
+    h.run(&tcp4_flags(VIP4, 54500, 80, TCP_SYN));
+    let key = (
+        xdplb::state::vip_key(h.vip("single-tcp")),
+        "10.200.0.11".parse().expect("address"),
+    );
+    h.state
+        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
+            rt.draining_since = Some(std::time::Instant::now())
+        })
+        .expect("drain");
+    let (action, out) = h.run(&tcp4_flags(VIP4, 54500, 80, TCP_SYN));
+    assert_eq!(
+        (action, &out[0..6]),
+        (XDP_TX, &h.mac_of("single-tcp", b1)[..]),
+        "a retransmitted SYN reaches its draining backend with none in the ring"
+    );
+    check(
+        &mut h,
+        "a new flow with no backend in the ring",
+        &tcp4_flags(VIP4, 54501, 80, TCP_SYN),
+        Expect::Drop(Reason::DropNoBackend),
+        None,
+        None,
+    );
+}
+
 #[test]
 fn rst_as_first_packet_opens_and_closes() {
     let mut h = Harness::new();
