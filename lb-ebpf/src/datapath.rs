@@ -360,8 +360,8 @@ fn vip_words(k: &VipKey) -> [u64; 5] {
 
 /// The filter slot of the packet's destination (`VipKey::filter_slot`), if
 /// its bit is set; else the packet is not for a VIP. Asked after a
-/// flow-table miss: most packets that are not for a VIP are turned away by
-/// this one array read, with no hash lookup.
+/// flow-table miss, and first by a TCP SYN: most packets that are not for
+/// a VIP are turned away by this one array read, with no hash lookup.
 #[inline(always)]
 fn vip_filter(key: &VipKey) -> Result<u32, Reason> {
     let bit = key.filter_slot();
@@ -474,28 +474,53 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     }
 }
 
-/// What a SYN does with the entry `v` its 5-tuple has, read under the
-/// bucket lock: `Some(count_close)` to replace it (a closed flow; or an
-/// open one whose backend was replaced or removed, or is down, when a close
-/// is counted on it), `None` to follow it. The decision `tracked_backend`
-/// makes for a SYN, without the lockless read.
-#[inline(always)]
-fn replaced_by_syn(v: &FlowValue) -> Option<bool> {
-    if v.flags & FLOW_F_CLOSED != 0 {
-        return Some(false);
-    }
-    let backend = XLB_BACKENDS.get(v.backend_id())?;
-    if backend.generation == 0 || backend.generation != v.generation {
-        return Some(false);
-    }
-    if backend.flags & BACKEND_F_DOWN != 0 {
-        return Some(true);
-    }
-    None
+/// What a SYN does with the entry its 5-tuple has (`syn_on_entry`, under
+/// the bucket lock): the decision `tracked_backend` makes for a SYN,
+/// without the lockless read. A struct, not an enum (see `Tracked`).
+#[derive(Clone, Copy)]
+struct SynOnEntry {
+    /// Replace the entry: a closed flow (a new connection reusing its
+    /// 5-tuple), or an open one whose backend was replaced or removed, or
+    /// is down.
+    replace: bool,
+    /// With `replace`: count a close on the entry's backend (down).
+    count_close: bool,
+    /// Without `replace`: the entry's backend entry, which the SYN follows
+    /// (a retransmitted SYN); null if there is none (the ring's answer,
+    /// unrecorded).
+    backend: *const Backend,
 }
 
-/// The backend of the entry another CPU made or changed, if it can be
-/// followed; else the ring's answer (`ring`). Never a new flow.
+#[inline(always)]
+fn syn_on_entry(v: &FlowValue) -> SynOnEntry {
+    let mut on = SynOnEntry {
+        replace: true,
+        count_close: false,
+        backend: core::ptr::null(),
+    };
+    if v.flags & FLOW_F_CLOSED != 0 {
+        return on;
+    }
+    let Some(backend) = XLB_BACKENDS.get(v.backend_id()) else {
+        on.replace = false;
+        return on;
+    };
+    if backend.generation == 0 || backend.generation != v.generation {
+        return on;
+    }
+    if backend.flags & BACKEND_F_DOWN != 0 {
+        on.count_close = true;
+        return on;
+    }
+    on.replace = false;
+    on.backend = backend;
+    on
+}
+
+/// The backend of the flow's entry, read without the lock, if it can be
+/// followed (another CPU made or changed it while this packet scheduled
+/// the flow, or a SYN found the lock contended); else the ring's answer
+/// (`ring`). Never a new flow.
 #[inline(always)]
 fn follow(
     words: &[u64; 5],
@@ -581,81 +606,114 @@ fn vip_and_pick(
 }
 
 /// Records a flow the table does not pin (`found`: `Missing`, `Replace`
-/// or `Unread`) on the backend its VIP's ring names (`pick`). Returns the
-/// backend and whether this packet made the flow (counted as a new flow).
-/// Nothing is written before the ring has answered, so a flow whose VIP
-/// has no backend right now keeps its entry as it was.
+/// or `Unread`) on the backend its VIP's ring names (`pick`; the VIP is
+/// `vip_id`). Returns the backend, the VIP to count the packet on and
+/// whether this packet made the flow (counted as a new flow). Nothing is
+/// written before the ring has answered, so a flow whose VIP has no
+/// backend right now keeps its entry as it was.
 #[inline(always)]
 fn schedule(
+    vip_id: u32,
     pick: (u32, *const Backend),
     words: &[u64; 5],
     b: &Buckets,
     tcp_flags: u8,
     found: Tracked,
-) -> (u32, *const Backend, bool) {
+) -> (u32, *const Backend, u32, bool) {
     let (id, backend) = pick;
     let closing = is_closing(tcp_flags);
+    let now = clock();
     let value = FlowValue {
         // Below MAX_BACKENDS: XLB_BACKENDS has an entry for it.
         backend: id as u16,
         // SAFETY: a map value pointer (`ring_pick`).
         generation: unsafe { (*backend).generation },
-        last_seen_ns: clock(),
+        last_seen_ns: now,
         flags: if closing { FLOW_F_CLOSED } else { 0 },
     };
-    if !flows::lock(b) {
-        // Contended past the bound: unrecorded and uncounted, the entry
-        // the flow has if it can be followed, else the ring's answer (the
-        // same until the backend set changes); its next packet tries again.
-        return follow(words, b, tcp_flags, (id, backend));
-    }
-    let made = match flows::find_locked(b, words) {
-        // SAFETY (value, write): a valid map value pointer in the bucket
-        // we locked.
-        Some(slot) if found.track == Track::Unread => {
-            let old = unsafe { (*slot).value };
-            match replaced_by_syn(&old) {
-                Some(count_close) => {
+    // Whether this packet wrote its flow's entry; if not, it follows the
+    // entry the table has.
+    let made;
+    if flows::lock(b) {
+        made = match flows::find_locked(b, words) {
+            // SAFETY (value, write): a valid map value pointer in the
+            // bucket we locked.
+            Some(slot) if found.track == Track::Unread => {
+                let mut old = unsafe { (*slot).value };
+                let on = syn_on_entry(&old);
+                if on.replace {
                     unsafe { flows::write(slot, words, &value) };
-                    if count_close {
+                    if on.count_close {
                         count_closed(old.backend_id());
                     }
                     true
+                } else {
+                    // A retransmitted SYN: what `tracked_backend` does for
+                    // a pinned flow, done under the lock, where the entry
+                    // cannot change before the SYN follows it.
+                    if !on.backend.is_null() {
+                        let stale = now.wrapping_sub(old.last_seen_ns) > LAST_SEEN_GRANULARITY_NS;
+                        if closing {
+                            old.flags |= FLOW_F_CLOSED;
+                            if stale {
+                                old.last_seen_ns = now;
+                            }
+                            unsafe { flows::write(slot, words, &old) };
+                            count_closed(old.backend_id());
+                        } else if stale {
+                            unsafe { (*slot).value.last_seen_ns = now };
+                        }
+                    }
+                    flows::unlock(b);
+                    if on.backend.is_null() {
+                        return (id, backend, vip_id, false);
+                    }
+                    // SAFETY: a map value pointer.
+                    let entry_vip = unsafe { (*on.backend).vip_id };
+                    return (old.backend_id(), on.backend, entry_vip, false);
                 }
-                None => false,
             }
-        }
-        // SAFETY (seq_of, write): a valid map value pointer in the bucket
-        // we locked.
-        Some(slot)
-            if found.track == Track::Replace && unsafe { flows::seq_of(slot) } == found.seq =>
-        {
-            unsafe { flows::write(slot, words, &value) };
-            if found.count_close {
-                count_closed(found.id);
+            // SAFETY (seq_of, write): as above.
+            Some(slot)
+                if found.track == Track::Replace && unsafe { flows::seq_of(slot) } == found.seq =>
+            {
+                unsafe { flows::write(slot, words, &value) };
+                if found.count_close {
+                    count_closed(found.id);
+                }
+                true
             }
-            true
-        }
-        // Another CPU made or changed the entry since we read it (or a
-        // SYN found one to follow).
-        Some(_) => false,
-        // No entry (any more): a new flow.
-        None => {
-            let (slot, old) = flows::victim(b);
-            count_evicted(&old);
-            // SAFETY: as above.
-            unsafe { flows::write(slot, words, &value) };
-            true
-        }
-    };
-    flows::unlock(b);
+            // Another CPU made or changed the entry since we read it.
+            Some(_) => false,
+            // No entry (any more): a new flow.
+            None => {
+                let (slot, old) = flows::victim(b);
+                count_evicted(&old);
+                // SAFETY: as above.
+                unsafe { flows::write(slot, words, &value) };
+                true
+            }
+        };
+        flows::unlock(b);
+    } else if found.track == Track::Unread {
+        // Contended past the bound, and a SYN has not read the table yet:
+        // it follows the entry its flow has, if any, as it would have
+        // without the lock.
+        made = false;
+    } else {
+        // Contended past the bound: the ring's answer (the same until the
+        // backend set changes), unrecorded and uncounted; the flow's next
+        // packet tries again.
+        return (id, backend, vip_id, false);
+    }
     if !made {
-        return follow(words, b, tcp_flags, (id, backend));
+        let (id, backend, new_flow) = follow(words, b, tcp_flags, (id, backend));
+        return (id, backend, vip_id, new_flow);
     }
     if closing {
         count_closed(id);
     }
-    (id, backend, true)
+    (id, backend, vip_id, true)
 }
 
 #[inline(always)]
@@ -714,15 +772,21 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // one and else fails the same way. (Both paths end in the one
     // `schedule` below: two copies of it would double the program the
     // verifier walks.)
+    // (Plain variables, not an Option of a tuple: see `Tracked`.)
     let syn = parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let early = if syn {
-        vip_and_pick(&vip_key, &flow, flow_slot_hash).ok()
-    } else {
-        None
-    };
+    let mut early = false;
+    let mut early_vip = 0;
+    let mut early_pick: (u32, *const Backend) = (0, core::ptr::null());
+    if syn {
+        if let Ok((vip_id, pick)) = vip_and_pick(&vip_key, &flow, flow_slot_hash) {
+            early = true;
+            early_vip = vip_id;
+            early_pick = pick;
+        }
+    }
     let (id, backend, vip_id, new_flow) = 'path: {
-        let (found, vip_id, pick) = if let Some((vip_id, pick)) = early {
-            (Tracked::unread(), vip_id, pick)
+        let (found, vip_id, pick) = if early {
+            (Tracked::unread(), early_vip, early_pick)
         } else {
             let found = tracked_backend(&words, &b, parsed.tcp_flags);
             if found.track == Track::Pinned {
@@ -733,8 +797,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
             let (vip_id, pick) = vip_and_pick(&vip_key, &flow, flow_slot_hash)?;
             (found, vip_id, pick)
         };
-        let (id, backend, new_flow) = schedule(pick, &words, &b, parsed.tcp_flags, found);
-        (id, backend, vip_id, new_flow)
+        schedule(vip_id, pick, &words, &b, parsed.tcp_flags, found)
     };
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;

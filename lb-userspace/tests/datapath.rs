@@ -397,6 +397,13 @@ impl Harness {
             .sum()
     }
 
+    /// Packets counted on every VIP.
+    fn total_vip_packets(&self) -> u64 {
+        (0..self.dp.settings().max_vips)
+            .map(|id| self.dp.vip_counters(id).expect("counters").packets)
+            .sum()
+    }
+
     fn reasons(&self) -> Vec<(Reason, u64)> {
         self.dp.reason_counters().expect("reading reason counters")
     }
@@ -1286,7 +1293,7 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
             rt.draining_since = Some(std::time::Instant::now())
         })
         .expect("drain");
-    let new_before = h.total_new_flows();
+    let (new_before, packets_before) = (h.total_new_flows(), h.total_vip_packets());
     let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN));
     assert_eq!(
         (action, &out[0..6]),
@@ -1294,21 +1301,43 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
         "a retransmitted SYN stays on the draining backend"
     );
     assert_eq!(h.total_new_flows(), new_before, "and is not a new flow");
+    assert_eq!(h.total_vip_packets(), packets_before + 1, "counted once");
+    // A SYN with FIN on it closes it there (a second one would be a new
+    // connection reusing the closed 5-tuple).
+    let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN | TCP_FIN));
+    assert_eq!(
+        (action, &out[0..6]),
+        (XDP_TX, &B3_MAC[..]),
+        "a SYN|FIN of the flow stays on its backend"
+    );
+    assert_eq!(opened_closed(&h, b3), (2, 1), "closed on b3");
+    assert_eq!(
+        h.dp.flow(&flow4(CLIENT4, VIP4_THREE, draining, 80, PROTO_TCP))
+            .map(|v| (v.backend_id(), v.flags)),
+        Some((b3, lb_common::FLOW_F_CLOSED)),
+        "its entry closed, on b3"
+    );
 
     // Down: the flow moves to the ring's answer, closed on b3 once.
     mark_down(&mut h, "10.200.0.13");
     let flow = flow4(CLIENT4, VIP4_THREE, going_down, 80, PROTO_TCP);
     let moved_to = h.reference_backend("three", &flow);
     assert_ne!(moved_to, b3);
-    for round in 0..2 {
+    for round in 0..2u64 {
+        let new_before = h.total_new_flows();
         let (action, out) = h.run(&tcp4_flags(VIP4_THREE, going_down, 80, TCP_SYN));
         assert_eq!(
             (action, &out[0..6]),
             (XDP_TX, &h.mac_of("three", moved_to)[..]),
             "round {round}: a retransmitted SYN of a flow on a down backend moves"
         );
+        assert_eq!(
+            h.total_new_flows() - new_before,
+            u64::from(round == 0),
+            "round {round}: a new flow on its new backend the first time only"
+        );
     }
-    assert_eq!(opened_closed(&h, b3), (2, 1), "closed on b3 once");
+    assert_eq!(opened_closed(&h, b3), (2, 2), "closed on b3 once more");
     assert_eq!(
         h.dp.flow(&flow).map(|v| v.backend_id()),
         Some(moved_to),
@@ -1998,6 +2027,13 @@ fn a_fin_raced_on_two_cpus_closes_its_flow_once() {
 
 #[test]
 fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
+    // An ACK reads the entry without the lock first; a SYN decides under it.
+    for flags in [TCP_ACK, TCP_SYN] {
+        down_backend_raced_on_two_cpus(flags);
+    }
+}
+
+fn down_backend_raced_on_two_cpus(flags: u8) {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
     let on_b3: Vec<u16> = (10_000..10_000 + RACED_FLOWS)
@@ -2011,33 +2047,39 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
     }
     assert_eq!(opened_closed(&h, b3), (n, 0), "flows opened on one CPU");
     mark_down(&mut h, "10.200.0.13");
-    let acks: Vec<Vec<u8>> = on_b3
+    let next: Vec<Vec<u8>> = on_b3
         .iter()
-        .map(|&p| tcp4_flags(VIP4_THREE, p, 80, TCP_ACK))
+        .map(|&p| tcp4_flags(VIP4_THREE, p, 80, flags))
         .collect();
-    let macs = race_on_two_cpus(&mut h, &acks);
+    let macs = race_on_two_cpus(&mut h, &next);
     for (&p, mac) in on_b3.iter().zip(&macs) {
-        assert_ne!(*mac, B3_MAC, "port {p} still sent to the down backend");
+        assert_ne!(
+            *mac, B3_MAC,
+            "flags {flags:#x}: port {p} still sent to the down backend"
+        );
         let flow =
             h.dp.flow(&flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP))
                 .expect("the moved flow has an entry");
         assert_eq!(
             (h.mac_of("three", flow.backend_id()), flow.flags),
             (*mac, 0),
-            "port {p}: moved, pinned where its packets went, open"
+            "flags {flags:#x}: port {p}: moved, pinned where its packets went, open"
         );
     }
     assert_eq!(
         opened_closed(&h, b3),
         (n, n),
-        "{n} flows of the down backend, each next packet sent from two CPUs at once: each \
-         closed there exactly once"
+        "flags {flags:#x}: {n} flows of the down backend, each next packet sent from two CPUs \
+         at once: each closed there exactly once"
     );
     let moved: u64 = ["10.200.0.11", "10.200.0.12"]
         .iter()
         .map(|a| opened_closed(&h, h.backend("three", a).0).0)
         .sum();
-    assert_eq!(moved, n, "and opened once on the backends that took them");
+    assert_eq!(
+        moved, n,
+        "flags {flags:#x}: and opened once on the backends that took them"
+    );
 }
 
 #[test]
