@@ -288,7 +288,7 @@ enum Track {
     /// Not looked up without the lock: a TCP SYN, which opens a connection
     /// (or retransmits the opening of one the table has). Under the bucket
     /// lock an entry found is replaced if a SYN replaces it
-    /// (`replaced_by_syn`), else followed; no entry, inserted.
+    /// (`syn_on_entry`), else followed; no entry, inserted.
     Unread,
 }
 
@@ -483,6 +483,9 @@ struct SynOnEntry {
     /// 5-tuple), or an open one whose backend was replaced or removed, or
     /// is down.
     replace: bool,
+    /// With `replace`: the entry is open and moves off its backend
+    /// (replaced, removed or down).
+    moves: bool,
     /// With `replace`: count a close on the entry's backend (down).
     count_close: bool,
     /// Without `replace`: the entry's backend entry, which the SYN follows
@@ -495,6 +498,7 @@ struct SynOnEntry {
 fn syn_on_entry(v: &FlowValue) -> SynOnEntry {
     let mut on = SynOnEntry {
         replace: true,
+        moves: false,
         count_close: false,
         backend: core::ptr::null(),
     };
@@ -505,6 +509,7 @@ fn syn_on_entry(v: &FlowValue) -> SynOnEntry {
         on.replace = false;
         return on;
     };
+    on.moves = true;
     if backend.generation == 0 || backend.generation != v.generation {
         return on;
     }
@@ -512,6 +517,7 @@ fn syn_on_entry(v: &FlowValue) -> SynOnEntry {
         on.count_close = true;
         return on;
     }
+    on.moves = false;
     on.replace = false;
     on.backend = backend;
     on
@@ -641,7 +647,16 @@ fn schedule(
             Some(slot) if found.track == Track::Unread => {
                 let mut old = unsafe { (*slot).value };
                 let on = syn_on_entry(&old);
-                if on.replace {
+                // The SYN read the ring before the entry. A ring that
+                // names the very backend the entry moves off (same id and
+                // generation) was read before the daemon changed that
+                // backend (it takes a backend out of the ring first): the
+                // ring's answer, unrecorded, as a read of the entry made
+                // before the change would have given; the next packet
+                // moves the flow.
+                let stale_pick =
+                    on.moves && id == old.backend_id() && value.generation == old.generation;
+                if on.replace && !stale_pick {
                     unsafe { flows::write(slot, words, &value) };
                     if on.count_close {
                         count_closed(old.backend_id());
@@ -651,6 +666,7 @@ fn schedule(
                     // A retransmitted SYN: what `tracked_backend` does for
                     // a pinned flow, done under the lock, where the entry
                     // cannot change before the SYN follows it.
+                    // (`on.backend` is null with `replace`.)
                     if !on.backend.is_null() {
                         let stale = now.wrapping_sub(old.last_seen_ns) > LAST_SEEN_GRANULARITY_NS;
                         if closing {

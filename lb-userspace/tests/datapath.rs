@@ -397,11 +397,17 @@ impl Harness {
             .sum()
     }
 
-    /// Packets counted on every VIP.
-    fn total_vip_packets(&self) -> u64 {
-        (0..self.dp.settings().max_vips)
-            .map(|id| self.dp.vip_counters(id).expect("counters").packets)
-            .sum()
+    /// Packets counted on VIP `name`.
+    fn vip_packets(&self, name: &str) -> u64 {
+        let key = xdplb::state::vip_key(self.vip(name));
+        let (_, info) = self
+            .dp
+            .vip_entries()
+            .expect("VIP entries")
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .expect("the VIP's entry");
+        self.dp.vip_counters(info.id).expect("counters").packets
     }
 
     fn reasons(&self) -> Vec<(Reason, u64)> {
@@ -1293,7 +1299,7 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
             rt.draining_since = Some(std::time::Instant::now())
         })
         .expect("drain");
-    let (new_before, packets_before) = (h.total_new_flows(), h.total_vip_packets());
+    let (new_before, packets_before) = (h.total_new_flows(), h.vip_packets("three"));
     let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN));
     assert_eq!(
         (action, &out[0..6]),
@@ -1301,7 +1307,11 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
         "a retransmitted SYN stays on the draining backend"
     );
     assert_eq!(h.total_new_flows(), new_before, "and is not a new flow");
-    assert_eq!(h.total_vip_packets(), packets_before + 1, "counted once");
+    assert_eq!(
+        h.vip_packets("three"),
+        packets_before + 1,
+        "counted once, on its VIP"
+    );
     // A SYN with FIN on it closes it there (a second one would be a new
     // connection reusing the closed 5-tuple).
     let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN | TCP_FIN));
