@@ -1166,10 +1166,8 @@ fn removed_backend_flows_are_rescheduled_not_blackholed() {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
     // Find flows currently on b3.
-    let on_b3: Vec<u16> = (49000..49200u16)
-        .filter(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
+    let on_b3: Vec<u16> = ports_of_three_on(&h, b3, 49000..49200u16)
+        .into_iter()
         .take(10)
         .collect();
     for &p in &on_b3 {
@@ -1277,10 +1275,8 @@ fn syn_reusing_a_closed_tuple_is_a_new_flow() {
 fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
-    let on_b3: Vec<u16> = (54000..54400u16)
-        .filter(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
+    let on_b3: Vec<u16> = ports_of_three_on(&h, b3, 54000..54400u16)
+        .into_iter()
         .take(2)
         .collect();
     let (draining, going_down) = (on_b3[0], on_b3[1]);
@@ -1291,14 +1287,7 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
 
     // Draining: the ring no longer names b3, the flow stays on it.
     let key = three_key(&h, "10.200.0.13");
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    h.state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
-            rt.draining_since = Some(std::time::Instant::now())
-        })
-        .expect("drain");
+    drain(&mut h, &key);
     let (new_before, packets_before) = (h.total_new_flows(), h.vip_packets("three"));
     let (action, out) = h.run(&tcp4_flags(VIP4_THREE, draining, 80, TCP_SYN));
     assert_eq!(
@@ -1362,11 +1351,7 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
         xdplb::state::vip_key(h.vip("single-tcp")),
         "10.200.0.11".parse().expect("address"),
     );
-    h.state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
-            rt.draining_since = Some(std::time::Instant::now())
-        })
-        .expect("drain");
+    drain(&mut h, &key);
     let (action, out) = h.run(&tcp4_flags(VIP4, 54500, 80, TCP_SYN));
     assert_eq!(
         (action, &out[0..6]),
@@ -1428,14 +1413,34 @@ fn mark_down(h: &mut Harness, address: &str) {
     set_health(h, address, Health::Down);
 }
 
+/// Marks a backend draining, as `xdplb backend drain` does.
+fn drain(h: &mut Harness, key: &xdplb::state::BackendKey) {
+    let mut resolver = TestResolver {
+        egress_ifindex: h.resolver.egress_ifindex,
+    };
+    h.state
+        .set_runtime(&mut h.dp, &mut resolver, key, |rt| {
+            rt.draining_since = Some(std::time::Instant::now())
+        })
+        .expect("drain");
+}
+
+/// The ports in `ports` whose TCP flows from `CLIENT4` the "three" VIP's
+/// ring gives backend `id`.
+fn ports_of_three_on(h: &Harness, id: u32, ports: std::ops::Range<u16>) -> Vec<u16> {
+    ports
+        .filter(|&p| {
+            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == id
+        })
+        .collect()
+}
+
 #[test]
 fn flows_of_a_down_backend_move_and_are_counted_closed_once() {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
-    let on_b3: Vec<u16> = (51000..51400u16)
-        .filter(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
+    let on_b3: Vec<u16> = ports_of_three_on(&h, b3, 51000..51400u16)
+        .into_iter()
         .take(8)
         .collect();
     for &p in &on_b3 {
@@ -1476,24 +1481,15 @@ fn flows_of_a_down_backend_move_and_are_counted_closed_once() {
 fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
-    let on_b3: Vec<u16> = (52000..52400u16)
-        .filter(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
+    let on_b3: Vec<u16> = ports_of_three_on(&h, b3, 52000..52400u16)
+        .into_iter()
         .take(8)
         .collect();
     for &p in &on_b3 {
         h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
     }
     let key = three_key(&h, "10.200.0.13");
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    h.state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| {
-            rt.draining_since = Some(std::time::Instant::now())
-        })
-        .expect("drain");
+    drain(&mut h, &key);
     for &p in &on_b3 {
         let (_, out) = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK));
         assert_eq!(
@@ -2046,11 +2042,7 @@ fn flows_of_a_down_backend_raced_on_two_cpus_move_once() {
 fn down_backend_raced_on_two_cpus(flags: u8) {
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
-    let on_b3: Vec<u16> = (10_000..10_000 + RACED_FLOWS)
-        .filter(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
-        .collect();
+    let on_b3 = ports_of_three_on(&h, b3, 10_000..10_000 + RACED_FLOWS);
     let n = on_b3.len() as u64;
     for &p in &on_b3 {
         h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
@@ -2099,10 +2091,8 @@ fn a_flow_keeps_its_entry_while_its_vip_has_no_backend() {
     // backend is back, without being counted again.
     let mut h = Harness::new();
     let (b3, _) = h.backend("three", "10.200.0.13");
-    let port = (52000..52400u16)
-        .find(|&p| {
-            h.reference_backend("three", &flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP)) == b3
-        })
+    let port = *ports_of_three_on(&h, b3, 52000..52400)
+        .first()
         .expect("a port the ring gives b3");
     h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_SYN));
     for a in ["10.200.0.11", "10.200.0.12", "10.200.0.13"] {
