@@ -389,8 +389,8 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      write) behind the same reset step in (b0). One flow-table hit costs {} ns \
                      here, {} ns more than (d); xdplb's whole established path adds {} ns to \
                      it (backend entry, counters, rewrite). One insert costs {} ns; \
-                     xdplb's new-flow path adds {} ns to it (the lookup that missed, the \
-                     VIP filter and entry, Maglev slot, backend entry, counters).\n\n\
+                     xdplb's new-flow path adds {} ns to it (the VIP filter and entry, \
+                     Maglev slot, backend entry, counters, rewrite).\n\n\
                      (bM) is the memory under (b0): the same key, one 8-byte read of each of \
                      its two buckets in the same table and nothing else, {} ns. That is what \
                      reading two random places of a table this size costs on this machine, \
@@ -400,8 +400,8 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                      (bC) is (b) again, net of the same reset step, into a second load \
                      balancer of the same object and VIP whose flow table holds 4096 flows \
                      (512 KiB, which stays in the CPU caches), evicting like (b) once full: \
-                     {} ns. That is the new-flow path's own work (the lookup that misses, \
-                     the VIP, the Maglev slot, both bucket locks, the choice of a slot, the \
+                     {} ns. That is the new-flow path's own work (the VIP, the Maglev slot, \
+                     both bucket locks, the lookup under them, the choice of a slot, the \
                      write, counters and rewrite); the other {} ns of (b) are the wait for \
                      the flow's buckets, close to what (bM) costs alone.\n\n\
                      (aL) and (bL) do the same on a kernel LRU hash of the same key and value \
@@ -425,12 +425,14 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
             }
             let _ = writeln!(
                 md,
-                "\n(b) sends a TCP SYN with a fresh source address and port each time: a \
-                 flow-table miss, the VIP's entry (two array reads: index slot, then entry \
-                 by id; no hash lookup), a Maglev lookup and an insert into the flow table \
-                 sized for 2^20 flows (2^21 slots of one 64-byte cache line each, in buckets \
-                 of 4; a packet looks its two buckets up once and reaches their slots through \
-                 those two pointers; the Maglev slot comes from the same hash). The reset \
+                "\n(b) sends a TCP SYN with a fresh source address and port each time: the \
+                 VIP's entry (two array reads: index slot, then entry by id; no hash \
+                 lookup), a Maglev lookup, then under the flow's two bucket locks the \
+                 lookup that finds no entry and an insert into the flow table sized for \
+                 2^20 flows (2^21 slots of one 64-byte cache line each, in buckets of 4; a \
+                 packet looks its two buckets up once and reaches their slots through those \
+                 two pointers; the Maglev slot comes from the same hash; a SYN skips the \
+                 lockless lookup other packets make first). The reset \
                  step that rewrites the packet ({} ns) is measured alone and subtracted from \
                  the raw figure ({} ns). {}\n",
                 f(k.reset_ns, 0),
