@@ -378,15 +378,10 @@ impl Dataplane {
     /// migration after a crash must not overwrite the new table from the
     /// older one.
     pub fn mark_taken_over(&mut self) -> Result<(), DataplaneError> {
-        if let Some(l) = self.legacy.as_mut().filter(|l| l.stage != Stage::TakenOver) {
-            // Taken over whether or not the rename works: this start's
-            // finish copies only what the new table lacks either way.
-            l.stage = Stage::TakenOver;
-            let taken = l.moved_from.with_file_name(LEGACY_FLOWS_PIN_TAKEN_OVER);
-            rename_pin(&l.pin, &taken)?;
-            l.pin = taken;
+        match self.legacy.as_mut().filter(|l| l.stage != Stage::TakenOver) {
+            Some(l) => l.take_over(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The older table's pin while a migration is under way (where
@@ -942,6 +937,20 @@ struct Legacy {
     stage: Stage,
 }
 
+impl Legacy {
+    /// Records that the older program no longer runs: stage `TakenOver`,
+    /// the pin renamed `LEGACY_FLOWS_PIN_TAKEN_OVER` for a later start.
+    /// The stage holds even if the rename fails: this start copies only
+    /// what the new table lacks either way.
+    fn take_over(&mut self) -> Result<(), DataplaneError> {
+        self.stage = Stage::TakenOver;
+        let taken = self.moved_from.with_file_name(LEGACY_FLOWS_PIN_TAKEN_OVER);
+        rename_pin(&self.pin, &taken)?;
+        self.pin = taken;
+        Ok(())
+    }
+}
+
 /// The older flow table in `dir`, if there is one with this
 /// configuration's bucket count: at one of the moved names (a migration to
 /// go on with), else at `XLB_FLOWS` (one to start). Anything else is left
@@ -976,13 +985,8 @@ fn open_legacy_flows(dir: &Path, buckets: u32) -> Result<Option<Legacy>, Datapla
             // before it renamed the pin, or the older program's links are
             // gone: nothing writes the older table, so the new one's
             // entries win. Recorded for the next start too.
-            legacy.stage = Stage::TakenOver;
-            let taken = dir.join(LEGACY_FLOWS_PIN_TAKEN_OVER);
-            match rename_pin(&legacy.pin, &taken) {
-                Ok(()) => legacy.pin = taken,
-                Err(e) => {
-                    tracing::warn!("recording that no program uses the older flow table: {e}")
-                }
+            if let Err(e) = legacy.take_over() {
+                tracing::warn!("recording that no program uses the older flow table: {e}");
             }
         }
         return Ok(Some(legacy));
