@@ -1008,9 +1008,17 @@ fn older_program_may_run(table: &LegacyTable) -> bool {
         }
     };
     for program in aya::programs::loaded_programs() {
-        // A program unloaded since the kernel listed its id fails here:
-        // it no longer uses anything.
-        let Ok(program) = program else { continue };
+        let program = match program {
+            Ok(program) => program,
+            // Unloaded since the kernel listed its id: it no longer uses
+            // anything.
+            Err(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                io_error,
+                ..
+            })) if io_error.raw_os_error() == Some(libc::ENOENT) => continue,
+            // The list cannot be read (no privilege, for one).
+            Err(_) => return true,
+        };
         match program.map_ids() {
             Ok(Some(ids)) if ids.contains(&id) => return true,
             Ok(Some(_)) => {}
