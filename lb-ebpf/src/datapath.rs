@@ -417,15 +417,40 @@ fn close(words: &[u64; 5], b: &Buckets) {
     }
     if let Some(slot) = flows::find_locked(b, words) {
         // SAFETY: a valid map value pointer in the bucket we locked.
-        let mut value = unsafe { (*slot).value };
+        let value = unsafe { (*slot).value };
         if value.flags & FLOW_F_CLOSED == 0 {
-            value.flags |= FLOW_F_CLOSED;
             // SAFETY: as above.
-            unsafe { flows::write(slot, words, &value) };
-            count_closed(value.backend_id());
+            unsafe { close_locked(slot, words, value) };
         }
     }
     flows::unlock(b);
+}
+
+/// Marks the open flow `words` in `slot`, whose entry is `value`, closed
+/// and counts the close on its backend.
+///
+/// # Safety
+/// `slot` is a valid map value pointer in a bucket this CPU has locked.
+#[inline(always)]
+unsafe fn close_locked(slot: *mut FlowSlot, words: &[u64; 5], mut value: FlowValue) {
+    value.flags |= FLOW_F_CLOSED;
+    // SAFETY: the caller's.
+    unsafe { flows::write(slot, words, &value) };
+    count_closed(value.backend_id());
+}
+
+/// Refreshes the `last_seen_ns` of the entry in `slot` (read as
+/// `last_seen_ns`) if it is older than `LAST_SEEN_GRANULARITY_NS` at `now`.
+///
+/// # Safety
+/// `slot` is a valid map value pointer. The store is the one lockless
+/// write (see flows.rs).
+#[inline(always)]
+unsafe fn refresh(slot: *mut FlowSlot, last_seen_ns: u64, now: u64) {
+    if now.wrapping_sub(last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        // SAFETY: the caller's.
+        unsafe { (*slot).value.last_seen_ns = now };
+    }
 }
 
 #[inline(always)]
@@ -459,12 +484,8 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     if !closed && is_closing(tcp_flags) {
         close(words, b);
     }
-    let now = clock();
-    if now.wrapping_sub(tracked.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-        // SAFETY: valid map value pointer; the one lockless write (see
-        // flows.rs).
-        unsafe { (*slot).value.last_seen_ns = now };
-    }
+    // SAFETY: a valid map value pointer.
+    unsafe { refresh(slot, tracked.last_seen_ns, clock()) };
     Tracked {
         track: Track::Pinned,
         id: tracked.backend_id(),
@@ -645,7 +666,7 @@ fn schedule(
             // SAFETY (value, write): a valid map value pointer in the
             // bucket we locked.
             Some(slot) if found.track == Track::Unread => {
-                let mut old = unsafe { (*slot).value };
+                let old = unsafe { (*slot).value };
                 let on = syn_on_entry(&old);
                 // The SYN read the ring before the entry. A ring that
                 // names the very backend the entry moves off (same id and
@@ -668,17 +689,10 @@ fn schedule(
                     // cannot change before the SYN follows it.
                     // (`on.backend` is null with `replace`.)
                     if !on.backend.is_null() {
-                        let stale = now.wrapping_sub(old.last_seen_ns) > LAST_SEEN_GRANULARITY_NS;
                         if closing {
-                            old.flags |= FLOW_F_CLOSED;
-                            if stale {
-                                old.last_seen_ns = now;
-                            }
-                            unsafe { flows::write(slot, words, &old) };
-                            count_closed(old.backend_id());
-                        } else if stale {
-                            unsafe { (*slot).value.last_seen_ns = now };
+                            unsafe { close_locked(slot, words, old) };
                         }
+                        unsafe { refresh(slot, old.last_seen_ns, now) };
                     }
                     flows::unlock(b);
                     if on.backend.is_null() {
