@@ -655,6 +655,35 @@ fn time_behind_reset(
     time_run(obj.program(bench::RESET), frame, repeat, XDP_TX, case)
 }
 
+/// `repeat` new flows through the load balancer `lb` (program fd `lb_fd`)
+/// behind the reset step: its raw ns per packet. Every repetition must
+/// have been a new flow, counted with its packet on the VIP.
+fn time_new_flows(
+    obj: &mut BenchObject,
+    jump: &mut ProgramArray<MapData>,
+    lb_fd: &aya::programs::ProgramFd,
+    lb: &Dataplane,
+    frame: &[u8],
+    repeat: u32,
+    case: &str,
+) -> Result<f64> {
+    jump.set(0, lb_fd, 0)
+        .with_context(|| format!("{case}: jump slot -> xlb_lb"))?;
+    let before = vip_totals(lb)?;
+    let ns = time_run(obj.program(bench::RESET), frame, repeat, XDP_TX, case)?;
+    let after = vip_totals(lb)?;
+    let (counted, packets) = (
+        after.new_flows - before.new_flows,
+        after.packets - before.packets,
+    );
+    ensure!(
+        counted == u64::from(repeat) && packets == u64::from(repeat),
+        "{case}: {repeat} repetitions but {counted} new flows and {packets} packets counted: \
+         not every repetition was a new flow"
+    );
+    Ok(ns)
+}
+
 /// A case timed behind the reset step: its raw runs, and the same runs
 /// net of the reset step's run by run (`net_ns_per_packet`, `net_median`),
 /// which its ratio to the reference uses. Returns the JSON and the net runs.
@@ -761,25 +790,11 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         // (b) New flow: reset step -> xlb_lb, every repetition a new 5-tuple.
         // Once the table is full, every insert also evicts.
         evicting.push(inserted + 1 + u64::from(repeat) > u64::from(table_size));
-        jump.set(0, &lb_fd, 0).context("jump slot -> xlb_lb")?;
-        let before = vip_totals(&dp)?;
-        b.push(time_run(
-            obj.program(bench::RESET),
-            &new_flow,
-            repeat,
-            XDP_TX,
-            "new_flow",
+        b.push(time_new_flows(
+            &mut obj, &mut jump, &lb_fd, &dp, &new_flow, repeat, "new_flow",
         )?);
-        let after = vip_totals(&dp)?;
-        let counted = after.new_flows - before.new_flows;
-        ensure!(
-            counted == u64::from(repeat) && after.packets - before.packets == u64::from(repeat),
-            "new_flow: {repeat} repetitions but {counted} new flows and {} packets counted: \
-             not every repetition was a new flow",
-            after.packets - before.packets
-        );
-        new_flows_counted.push(counted);
-        inserted += counted;
+        new_flows_counted.push(u64::from(repeat));
+        inserted += u64::from(repeat);
         // Every key, one syscall each: ~1 s for a full table, not timed.
         let entries = dp.flow_count() as u64;
         // The established flow is in the table too. Past half full, a few
@@ -793,21 +808,15 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
 
         // (b) again into the table for CACHED_FLOW_TABLE_SIZE flows, which
         // every repetition after the first 8192 evicts from.
-        jump.set(0, &cached_fd, 0)
-            .context("jump slot -> xlb_lb (cached table)")?;
-        let before = vip_totals(&cached_dp)?;
-        b_cached.push(time_run(
-            obj.program(bench::RESET),
+        b_cached.push(time_new_flows(
+            &mut obj,
+            &mut jump,
+            &cached_fd,
+            &cached_dp,
             &new_flow,
             repeat,
-            XDP_TX,
             "new_flow_cached",
         )?);
-        let counted = vip_totals(&cached_dp)?.new_flows - before.new_flows;
-        ensure!(
-            counted == u64::from(repeat),
-            "new_flow_cached: {repeat} repetitions but {counted} new flows counted"
-        );
 
         // (c) Not a VIP: parse, flow-table miss, VIP filter miss, pass.
         c.push(time_run(
