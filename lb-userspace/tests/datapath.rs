@@ -1400,13 +1400,22 @@ fn three_key(h: &Harness, addr: &str) -> xdplb::state::BackendKey {
 /// Sets a backend of the "three" VIP's health, as its health check does.
 fn set_health(h: &mut Harness, address: &str, health: Health) {
     let key = three_key(h, address);
+    assert!(set_runtime(h, &key, |rt| rt.health = health));
+}
+
+/// Changes a backend's runtime state as the daemon does (health checks,
+/// the CLI); whether it changed anything.
+fn set_runtime(
+    h: &mut Harness,
+    key: &xdplb::state::BackendKey,
+    change: impl FnOnce(&mut xdplb::state::Runtime),
+) -> bool {
     let mut resolver = TestResolver {
         egress_ifindex: h.resolver.egress_ifindex,
     };
-    assert!(h
-        .state
-        .set_runtime(&mut h.dp, &mut resolver, &key, |rt| rt.health = health)
-        .expect("set health"));
+    h.state
+        .set_runtime(&mut h.dp, &mut resolver, key, change)
+        .expect("set runtime")
 }
 
 fn mark_down(h: &mut Harness, address: &str) {
@@ -1415,14 +1424,9 @@ fn mark_down(h: &mut Harness, address: &str) {
 
 /// Marks a backend draining, as `xdplb backend drain` does.
 fn drain(h: &mut Harness, key: &xdplb::state::BackendKey) {
-    let mut resolver = TestResolver {
-        egress_ifindex: h.resolver.egress_ifindex,
-    };
-    h.state
-        .set_runtime(&mut h.dp, &mut resolver, key, |rt| {
-            rt.draining_since = Some(std::time::Instant::now())
-        })
-        .expect("drain");
+    set_runtime(h, key, |rt| {
+        rt.draining_since = Some(std::time::Instant::now())
+    });
 }
 
 /// The ports in `ports` whose TCP flows from `CLIENT4` the "three" VIP's
