@@ -453,6 +453,14 @@ unsafe fn refresh(slot: *mut FlowSlot, last_seen_ns: u64, now: u64) {
     }
 }
 
+/// Whether the entry `v` is still on the backend incarnation it was
+/// scheduled on: `backend` (its id's `XLB_BACKENDS` entry) was neither
+/// removed (generation 0) nor replaced since.
+#[inline(always)]
+fn still_on(backend: &Backend, v: &FlowValue) -> bool {
+    backend.generation != 0 && backend.generation == v.generation
+}
+
 #[inline(always)]
 fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     let Found {
@@ -471,7 +479,7 @@ fn tracked_backend(words: &[u64; 5], b: &Buckets, tcp_flags: u8) -> Tracked {
     let Some(backend) = XLB_BACKENDS.get(tracked.backend_id()) else {
         return Tracked::missing();
     };
-    let replaced = backend.generation == 0 || backend.generation != tracked.generation;
+    let replaced = !still_on(backend, &tracked);
     let down = backend.flags & BACKEND_F_DOWN != 0;
     if replaced || down {
         // A closed flow's last packets go to the ring's answer, unpinned;
@@ -531,7 +539,7 @@ fn syn_on_entry(v: &FlowValue) -> SynOnEntry {
         return on;
     };
     on.moves = true;
-    if backend.generation == 0 || backend.generation != v.generation {
+    if !still_on(backend, v) {
         return on;
     }
     if backend.flags & BACKEND_F_DOWN != 0 {
