@@ -25,7 +25,9 @@ pub const FLOW_CANDIDATES: u32 = 2 * FLOW_WAYS;
 compile_error!("the flow table's key words assume a little-endian machine");
 
 /// The key as the five 64-bit words of its memory layout, built from its
-/// fields (the datapath keeps them in registers: no store and reload).
+/// fields. The datapath builds the same words straight from the packet
+/// (an address's bytes read as one little-endian word, `ports_word`) and
+/// turns them back into fields only where it needs them (`key_of_words`).
 #[inline(always)]
 pub fn key_words(k: &FlowKey) -> [u64; 5] {
     #[inline(always)]
@@ -37,13 +39,43 @@ pub fn key_words(k: &FlowKey) -> [u64; 5] {
         pair(k.src[2], k.src[3]),
         pair(k.dst[0], k.dst[1]),
         pair(k.dst[2], k.dst[3]),
-        u64::from(k.src_port_be)
-            | (u64::from(k.dst_port_be) << 16)
-            | (u64::from(k.proto) << 32)
-            | (u64::from(k.family) << 40)
+        ports_word(k.src_port_be, k.dst_port_be, k.proto, k.family)
             | (u64::from(k._pad[0]) << 48)
             | (u64::from(k._pad[1]) << 56),
     ]
+}
+
+/// Key word 4 (`key_words`) of a key with these fields (and zero padding).
+#[inline(always)]
+pub fn ports_word(src_port_be: u16, dst_port_be: u16, proto: u8, family: u8) -> u64 {
+    u64::from(src_port_be)
+        | (u64::from(dst_port_be) << 16)
+        | (u64::from(proto) << 32)
+        | (u64::from(family) << 40)
+}
+
+/// The key whose `key_words` are `w`.
+#[inline(always)]
+pub fn key_of_words(w: &[u64; 5]) -> FlowKey {
+    FlowKey {
+        src: [
+            w[0] as u32,
+            (w[0] >> 32) as u32,
+            w[1] as u32,
+            (w[1] >> 32) as u32,
+        ],
+        dst: [
+            w[2] as u32,
+            (w[2] >> 32) as u32,
+            w[3] as u32,
+            (w[3] >> 32) as u32,
+        ],
+        src_port_be: w[4] as u16,
+        dst_port_be: (w[4] >> 16) as u16,
+        proto: (w[4] >> 32) as u8,
+        family: (w[4] >> 40) as u8,
+        _pad: [(w[4] >> 48) as u8, (w[4] >> 56) as u8],
+    }
 }
 
 /// Whether two keys as five words (`key_words`, or the datapath's VIP key
@@ -135,6 +167,22 @@ mod tests {
         assert_eq!(key_words(&k), bytes);
         assert!(same_key(&key_words(&k), &bytes));
         assert!(!same_key(&key_words(&key(1, 2)), &key_words(&key(1, 3))));
+    }
+
+    #[test]
+    fn key_of_words_inverts_key_words() {
+        let mut v6 = key(0x0ac8_0001, 40000);
+        v6.family = FAMILY_V6;
+        v6.src = [0x0000_00fd, 0x1200_0000, 0x3400_0000, 0x0100_0000];
+        v6.dst = [0x0000_00fd, 0x1200_0000, 0x3400_0000, 0x0200_0000];
+        for k in [key(0x0ac8_0001, 40000), key(u32::MAX, u16::MAX), v6] {
+            assert_eq!(key_of_words(&key_words(&k)), k);
+            let w = key_words(&k);
+            assert_eq!(
+                w[4],
+                ports_word(k.src_port_be, k.dst_port_be, k.proto, k.family)
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_table::{bucket_pair, buckets_for, key_words, same_key, slot_hash},
+    flow_table::{bucket_pair, buckets_for, key_of_words, ports_word, same_key, slot_hash},
     hash::{client_hash, flow_hash_of, ring_slot},
     ring_chunk_index, ring_chunks_for, Backend, Counters, FlowBucket, FlowKey, FlowSlot, FlowValue,
     Reason, RingChunk, VipInfo, VipKey, BACKEND_F_DOWN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS,
@@ -130,7 +130,10 @@ fn count(stats: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) 
 
 /// What the L3/L4 parse yields for a TCP or UDP packet.
 struct Parsed {
-    flow: FlowKey,
+    /// The flow key as its words (`flow_table::key_words`), read from the
+    /// packet as they lie in a slot: an IPv4 packet's zero words are
+    /// constants the compiler folds through the hash and the lookup.
+    words: [u64; 5],
     ttl: u8,
     /// TCP flags byte; 0 for UDP.
     tcp_flags: u8,
@@ -179,16 +182,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     // IHL honoured: options are skipped, whatever their length.
     let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + ihl * 4, proto)?;
     Ok(Parsed {
-        flow: FlowKey {
+        words: [
             // SAFETY: inside the fixed header (the addresses).
-            src: [unsafe { load32::<12>(raw) }, 0, 0, 0],
-            dst: [unsafe { load32::<16>(raw) }, 0, 0, 0],
-            src_port_be,
-            dst_port_be,
-            proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        },
+            u64::from(unsafe { load32::<12>(raw) }),
+            0,
+            u64::from(unsafe { load32::<16>(raw) }),
+            0,
+            ports_word(src_port_be, dst_port_be, proto, FAMILY_V4),
+        ],
         ttl: ip.ttl,
         tcp_flags,
     })
@@ -224,29 +225,16 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     }
     let (src_port_be, dst_port_be, tcp_flags) = ports(ctx, l3 + Ipv6Hdr::LEN, proto)?;
     Ok(Parsed {
-        flow: FlowKey {
-            // SAFETY: inside the header (the addresses, bytes 8..40).
-            src: unsafe {
-                [
-                    load32::<8>(raw),
-                    load32::<12>(raw),
-                    load32::<16>(raw),
-                    load32::<20>(raw),
-                ]
-            },
-            dst: unsafe {
-                [
-                    load32::<24>(raw),
-                    load32::<28>(raw),
-                    load32::<32>(raw),
-                    load32::<36>(raw),
-                ]
-            },
-            src_port_be,
-            dst_port_be,
-            proto,
-            family: FAMILY_V6,
-            _pad: [0; 2],
+        // SAFETY: inside the header (the addresses, bytes 8..40, each half
+        // of an address one little-endian word, as `key_words` pairs them).
+        words: unsafe {
+            [
+                load64::<8>(raw),
+                load64::<16>(raw),
+                load64::<24>(raw),
+                load64::<32>(raw),
+                ports_word(src_port_be, dst_port_be, proto, FAMILY_V6),
+            ]
         },
         ttl: ip.hop_limit,
         tcp_flags,
@@ -773,7 +761,9 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     } else {
         return Err(Reason::PassNonIp);
     };
-    let flow = parsed.flow;
+    let words = parsed.words;
+    // The fields, for the VIP lookup and the client hash (new flows).
+    let flow = key_of_words(&words);
     let vip_key = VipKey {
         addr: flow.dst,
         port_be: flow.dst_port_be,
@@ -796,7 +786,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // VIP traffic makes entries, and an entry's backend names its VIP). A
     // flow whose backend is gone (VIP removed, backend replaced) falls
     // through to both like a new one.
-    let words = key_words(&flow);
     let flow_slot_hash = slot_hash(&words);
     let pair = bucket_pair(flow_slot_hash, flow_buckets());
     // Unreachable: the loader sizes the map with the bucket count the pair

@@ -76,8 +76,8 @@ load!(
     load32, u32, "u32"
 );
 load!(
-    /// 8 bytes (also from map values, whose alignment Rust cannot know
-    /// either).
+    /// 8 bytes (half an IPv6 address; also from map values, whose
+    /// alignment Rust cannot know either).
     load64, u64, "u64"
 );
 store!(
