@@ -193,7 +193,7 @@ enum Command {
     /// Compares datapath builds in one process: loads each object (the
     /// `lb-ebpf` file a build leaves in
     /// target/release/build/lb-userspace-*/out/), each with maps of its own
-    /// and a flow table for 2^20 flows, programs one VIP with three
+    /// and a flow table for 2^20 flows (`--flows`), programs one VIP with three
     /// backends into each, then times them in alternation, each round
     /// starting with another: (a) established TCP, (b) a new flow behind
     /// the reset step (net of it), (c) not a VIP. Prints per object the
@@ -209,6 +209,13 @@ enum Command {
         /// Repetitions per test run of (b), each a new flow.
         #[arg(long, default_value_t = 100_000)]
         new_flows: u32,
+        /// Flows each object's flow table is sized for, within the
+        /// daemon's range of `datapath.flow_table_size`. A few thousand
+        /// keep the table in the CPU caches, so (b) shows the new flow's
+        /// own work without the wait for its buckets.
+        #[arg(long, default_value_t = FLOW_TABLE_SIZE,
+              value_parser = clap::value_parser!(u32).range(1024..=100_000_000))]
+        flows: u32,
         /// Datapath objects; the first is the base.
         #[arg(required = true, num_args = 2..)]
         objects: Vec<std::path::PathBuf>,
@@ -266,8 +273,9 @@ fn main() -> ExitCode {
             rounds,
             repeat,
             new_flows,
+            flows,
             objects,
-        } => ab(&objects, rounds, repeat, new_flows),
+        } => ab(&objects, rounds, repeat, new_flows, flows),
     };
     match result {
         Ok(report) => {
@@ -1040,10 +1048,10 @@ fn map_of<'a>(ebpf: &'a mut Ebpf, path: &Path, name: &str) -> Result<&'a mut aya
 /// programs one VIP (`VIP4`:80/tcp, id 0) with backends 1 to 3 by writing
 /// its maps directly: objects of other builds may lay the flow table out
 /// differently, so neither `Dataplane` nor the flow table is used.
-fn load_object(path: &Path) -> Result<Ebpf> {
+fn load_object(path: &Path, flow_table_size: u32) -> Result<Ebpf> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let chunks = ring_chunks_for(DEFAULT_RING_SIZE);
-    let buckets = buckets_for(FLOW_TABLE_SIZE);
+    let buckets = buckets_for(flow_table_size);
     let mut ebpf = EbpfLoader::new()
         .override_global(globals::RING_SIZE, &DEFAULT_RING_SIZE, true)
         .override_global(globals::RING_CHUNKS, &chunks, true)
@@ -1106,7 +1114,13 @@ fn load_object(path: &Path) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-fn ab(objects: &[std::path::PathBuf], rounds: u32, repeat: u32, new_flows: u32) -> Result<Value> {
+fn ab(
+    objects: &[std::path::PathBuf],
+    rounds: u32,
+    repeat: u32,
+    new_flows: u32,
+    flows: u32,
+) -> Result<Value> {
     require_root()?;
     ensure!(
         repeat >= 1 && new_flows >= 1,
@@ -1117,7 +1131,7 @@ fn ab(objects: &[std::path::PathBuf], rounds: u32, repeat: u32, new_flows: u32) 
     pin_thread(cpu)?;
     let mut lbs: Vec<Ebpf> = objects
         .iter()
-        .map(|p| load_object(p))
+        .map(|p| load_object(p, flows))
         .collect::<Result<_>>()?;
     let mut obj = BenchObject::load(1024)?;
     let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
@@ -1209,6 +1223,7 @@ fn ab(objects: &[std::path::PathBuf], rounds: u32, repeat: u32, new_flows: u32) 
                    minus the reset step alone timed at the start of the round. \
                    paired_difference: median over rounds of (object - first object).",
         "rounds": rounds,
+        "flow_table_size": flows,
         "repeat": repeat,
         "new_flows": new_flows,
         "cpu": cpu,
