@@ -793,6 +793,21 @@ impl Dataplane {
         self.flows.get(key)
     }
 
+    /// Every flow entry with the (bucket, way) of its slot.
+    pub fn placed_flows(&self) -> Vec<((u32, u32), FlowKey, FlowValue)> {
+        self.flows.placed()
+    }
+
+    /// Writes flow entries into the given empty (bucket, way) slots,
+    /// whatever buckets their keys hash to (tests of slot choice); returns
+    /// how many it wrote (a slot in use keeps its flow).
+    pub fn place_flows(
+        &mut self,
+        flows: &[((u32, u32), FlowKey, FlowValue)],
+    ) -> Result<usize, DataplaneError> {
+        Ok(self.flows.place(flows)?)
+    }
+
     pub fn flow_count(&self) -> usize {
         self.flows.count()
     }

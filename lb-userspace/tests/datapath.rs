@@ -2192,6 +2192,155 @@ fn open_flows_pushed_out_of_a_full_table_count_as_closed() {
     );
 }
 
+/// Where a SYN's new flow goes, given what its two buckets hold.
+struct VictimCase {
+    what: &'static str,
+    /// Per bucket (the flow's first, then its second), per way: `None`
+    /// empty, else (seconds since it was last seen, closed, generation of
+    /// its backend entry).
+    held: [[Option<(u64, bool, u32)>; 4]; 2],
+    /// (bucket of the pair, way) the new flow must take.
+    expect: (usize, u32),
+    /// Whether a close is counted for the flow it pushes out.
+    counts_close: bool,
+}
+
+#[test]
+fn a_new_flow_takes_an_empty_slot_of_its_emptier_bucket_else_the_closed_then_the_oldest() {
+    let mut h = Harness::new();
+    let (b1, g1) = h.backend("single-tcp", "10.200.0.11");
+    let buckets = lb_common::flow_table::buckets_for(h.dp.settings().flow_table_size);
+    let now = 1_000_000_000_000;
+    h.dp.set_clock(now).expect("clock");
+    let open = |seen| Some((seen, false, g1));
+    let closed = |seen| Some((seen, true, g1));
+    let cases = [
+        VictimCase {
+            what: "the emptier bucket: the second",
+            held: [[open(1), open(1), None, None], [open(1), None, None, None]],
+            expect: (1, 1),
+            counts_close: false,
+        },
+        VictimCase {
+            what: "a tie: the first bucket's first empty way",
+            held: [
+                [open(1), open(1), None, open(1)],
+                [None, open(1), open(1), open(1)],
+            ],
+            expect: (0, 2),
+            counts_close: false,
+        },
+        VictimCase {
+            what: "the first bucket full: the second's empty way",
+            held: [[open(1); 4], [open(1), open(1), None, open(1)]],
+            expect: (1, 2),
+            counts_close: false,
+        },
+        VictimCase {
+            what: "both full, all open: the one seen longest ago, counted closed",
+            held: [
+                [open(50), open(40), open(60), open(45)],
+                [open(55), open(41), open(90), open(70)],
+            ],
+            expect: (1, 2),
+            counts_close: true,
+        },
+        VictimCase {
+            what: "both full: a closed flow before any open one, the older closed first",
+            held: [
+                [open(100), open(110), closed(20), open(120)],
+                [closed(60), open(130), open(140), closed(40)],
+            ],
+            expect: (1, 0),
+            counts_close: false,
+        },
+        VictimCase {
+            what: "both full: the oldest open flow's backend replaced, not counted",
+            held: [
+                [
+                    open(50),
+                    Some((200, false, g1.wrapping_add(1))),
+                    open(60),
+                    open(45),
+                ],
+                [open(70), open(41), open(30), open(55)],
+            ],
+            expect: (0, 1),
+            counts_close: false,
+        },
+    ];
+    let mut used_buckets = std::collections::HashSet::new();
+    let mut port = 20_000u16;
+    let mut filler = 0u16;
+    for case in &cases {
+        // A SYN whose two buckets differ and no earlier case used.
+        let (key, pair) = loop {
+            port += 1;
+            let key = flow4(CLIENT4, VIP4, port, 80, PROTO_TCP);
+            let pair = lb_common::flow_table::bucket_pair(
+                lb_common::flow_table::slot_hash(&lb_common::flow_table::key_words(&key)),
+                buckets,
+            );
+            if pair[0] != pair[1]
+                && !used_buckets.contains(&pair[0])
+                && !used_buckets.contains(&pair[1])
+            {
+                break (key, pair);
+            }
+        };
+        used_buckets.extend(pair);
+        let mut placed = Vec::new();
+        for (side, ways) in case.held.iter().enumerate() {
+            for (way, held) in ways.iter().enumerate() {
+                if let Some((seen, is_closed, generation)) = *held {
+                    filler += 1;
+                    placed.push((
+                        (pair[side], way as u32),
+                        flow4([10, 200, 9, 9], VIP4, filler, 80, PROTO_TCP),
+                        FlowValue {
+                            backend: b1 as u16,
+                            generation,
+                            last_seen_ns: now - seen * 1_000_000_000,
+                            flags: if is_closed {
+                                lb_common::FLOW_F_CLOSED
+                            } else {
+                                0
+                            },
+                        },
+                    ));
+                }
+            }
+        }
+        assert_eq!(
+            h.dp.place_flows(&placed).expect("placing"),
+            placed.len(),
+            "{}: the slots were empty",
+            case.what
+        );
+        let (_, closed_before) = opened_closed(&h, b1);
+        let (action, _) = h.run(&tcp4_flags(VIP4, port, 80, TCP_SYN));
+        assert_eq!(action, XDP_TX, "{}", case.what);
+        let at =
+            h.dp.placed_flows()
+                .into_iter()
+                .find(|(_, k, _)| *k == key)
+                .map(|(at, _, _)| at);
+        assert_eq!(
+            at,
+            Some((pair[case.expect.0], case.expect.1)),
+            "{}: buckets {pair:?}",
+            case.what
+        );
+        let (_, closed_after) = opened_closed(&h, b1);
+        assert_eq!(
+            closed_after - closed_before,
+            u64::from(case.counts_close),
+            "{}: closes counted",
+            case.what
+        );
+    }
+}
+
 #[test]
 fn vips_sharing_an_index_slot_both_balance() {
     // Two VIPs whose XLB_VIP_INDEX slot is the same: new flows of both are
