@@ -271,7 +271,7 @@ pub fn victim(b: &Buckets) -> (*mut FlowSlot, FlowSlot) {
         base + ((low >> 1) - (low >> 3)) as u32
     } else {
         // Closed before open, then the older first: bit 63 is set for an
-        // open flow. (last_seen_ns is CLOCK_MONOTONIC ns: far below 2^63.)
+        // open flow, the bits below it are last_seen_ns halved.
         let mut best = 0;
         let mut best_rank = u64::MAX;
         for i in 0..FLOW_CANDIDATES {
