@@ -145,6 +145,10 @@ pub struct Machine {
     pub loadavg_after: String,
     /// Percent of CPU time stolen by the hypervisor during the run.
     pub steal_percent: f64,
+    /// Whether the kernel exposes the CPU's performance counters (a `cpu`
+    /// or `cpu_*` device under /sys/bus/event_source/devices): without
+    /// them `perf` and `bpftool prog profile` cannot count cycles.
+    pub cpu_pmu: bool,
     #[serde(skip)]
     steal_start: (u64, u64),
 }
@@ -191,6 +195,16 @@ fn cpu_jiffies() -> (u64, u64) {
     (total.saturating_sub(idle), total)
 }
 
+fn has_cpu_pmu() -> bool {
+    fs::read_dir("/sys/bus/event_source/devices").is_ok_and(|dir| {
+        dir.filter_map(Result::ok).any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name == "cpu" || name.starts_with("cpu_")
+        })
+    })
+}
+
 impl Machine {
     fn before() -> Machine {
         let cpu_model = fs::read_to_string("/proc/cpuinfo")
@@ -215,6 +229,7 @@ impl Machine {
             loadavg_before: read_trim("/proc/loadavg"),
             loadavg_after: String::new(),
             steal_percent: 0.0,
+            cpu_pmu: has_cpu_pmu(),
             steal_start: steal_jiffies(),
         }
     }

@@ -747,6 +747,15 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         .context("xlb_lb fd (cached table)")?
         .try_clone()?;
     let slots = slots_for(table_size);
+    // The program as the kernel holds it: after the verifier's rewrites
+    // (what `bpftool prog dump xlated` lists; 8 bytes per instruction, a
+    // 64-bit immediate load takes two) and JIT-compiled.
+    let info = dp.program_mut().info().context("xlb_lb program info")?;
+    let program = json!({
+        "xlated_insns": info.size_translated().map(|b| b / 8),
+        "jited_bytes": info.size_jitted(),
+        "verifier_insns_processed": info.verified_instruction_count(),
+    });
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
     let new_flow = tcp_frame(VIP4, 40001, 80, TCP_SYN);
@@ -988,6 +997,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         "cpu": cpu,
         "flow_table_size": table_size,
         "cached_flow_table_size": CACHED_FLOW_TABLE_SIZE,
+        "program": program,
         "elapsed_s": round(elapsed.as_secs_f64(), 2),
         "cases": {
             "established_tcp": case_json(&a, reference),

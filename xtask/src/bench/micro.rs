@@ -85,6 +85,13 @@ pub struct Kernel {
     /// filling or full (LRU evicting): (median ns, runs).
     pub new_flow_filling: Option<(f64, usize)>,
     pub new_flow_evicting: Option<(f64, usize)>,
+    /// The load balancer's program as loaded: instructions after the
+    /// verifier's rewrites, bytes of machine code, and the instructions
+    /// the verifier walked to accept it (each `None` if the kernel did not
+    /// say).
+    pub program_insns: Option<u64>,
+    pub program_jited_bytes: Option<u64>,
+    pub verifier_insns: Option<u64>,
 }
 
 pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
@@ -192,6 +199,9 @@ pub fn kernel(quick: bool, runs: u32) -> Result<Kernel> {
         evicting,
         new_flow_filling: split("net_median_filling", false),
         new_flow_evicting: split("net_median_evicting", true),
+        program_insns: v["program"]["xlated_insns"].as_u64(),
+        program_jited_bytes: v["program"]["jited_bytes"].as_u64(),
+        verifier_insns: v["program"]["verifier_insns_processed"].as_u64(),
     })
 }
 

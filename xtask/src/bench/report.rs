@@ -280,6 +280,15 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
     );
     let _ = writeln!(
         md,
+        "| CPU performance counters (PMU) | {} |",
+        if m.cpu_pmu {
+            "present"
+        } else {
+            "none (no `cpu` device under /sys/bus/event_source/devices)"
+        }
+    );
+    let _ = writeln!(
+        md,
         "| time | {:.0} s in all, {:.0} s measuring ({}) |\n",
         r.total_s,
         r.measure_s,
@@ -439,6 +448,7 @@ pub fn markdown(r: &Results, chart_ok: bool) -> String {
                 f(k.new_flow_raw_ns, 0),
                 new_flow_split(k)
             );
+            program_paragraph(&mut md, k, m.cpu_pmu);
         }
         Err(e) => failed(&mut md, e),
     }
@@ -611,6 +621,33 @@ fn commands(md: &mut String, r: &Results, cmd: &str) {
 
 /// Which regime the new-flow runs measured: a filling table, a full one
 /// (every insert evicts), or both.
+/// The load balancer's program as this run loaded it, and how its time
+/// can be profiled on this machine.
+fn program_paragraph(md: &mut String, k: &super::micro::Kernel, cpu_pmu: bool) {
+    let opt = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let _ = writeln!(
+        md,
+        "The load balancer's program, as the kernel held it in this run: {} BPF instructions \
+         after the verifier's rewrites (what `bpftool prog dump xlated` lists; a 64-bit \
+         immediate load counts twice), {} bytes of x86-64 code; the verifier walked {} \
+         instructions to accept it (its limit is 1000000). {}\n",
+        opt(k.program_insns),
+        opt(k.program_jited_bytes),
+        opt(k.verifier_insns),
+        if cpu_pmu {
+            "This machine exposes CPU performance counters, so `bpftool prog profile` can \
+             count the program's cycles and instructions; the figures above still come from \
+             BPF_PROG_TEST_RUN's timing."
+        } else {
+            "This machine exposes no CPU performance counters, so neither `perf` nor \
+             `bpftool prog profile` can count cycles here. Where the time goes is measured \
+             by ablation instead: datapath builds with one part removed, timed in one process \
+             in alternation with the full build (`xdplb-bench ab`; the README's Performance \
+             section lists what each change saved)."
+        }
+    );
+}
+
 fn new_flow_split(k: &super::micro::Kernel) -> String {
     match (k.new_flow_filling, k.new_flow_evicting) {
         (Some((fill, nf)), Some((evict, ne))) if nf > 0 && ne > 0 => format!(
