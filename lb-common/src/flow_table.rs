@@ -101,6 +101,26 @@ pub fn slot_hash(w: &[u64; 5]) -> u64 {
     h ^ (h >> 33)
 }
 
+// `ways_in` and `lowest_way` read a bucket's ways as 4 bits.
+const _: () = assert!(FLOW_WAYS == 4);
+
+/// How many ways a bucket's way mask (bit w: way w, `FLOW_WAYS` bits)
+/// has set: a popcount by a 16-entry table of 4-bit counts held in one
+/// constant (BPF has no popcount instruction).
+#[inline(always)]
+pub fn ways_in(mask: u64) -> u64 {
+    const COUNTS: u64 = 0x4332_3221_3221_2110;
+    (COUNTS >> ((mask & 0xf) * 4)) & 0xf
+}
+
+/// The lowest way set in a non-zero way mask, without a branch: the
+/// lowest set bit (1, 2, 4 or 8) to its index (0 to 3).
+#[inline(always)]
+pub fn lowest_way(mask: u64) -> u32 {
+    let low = mask & mask.wrapping_neg();
+    ((low >> 1) - (low >> 3)) as u32
+}
+
 /// The bucket of `hash` in a table of `buckets` buckets (any count: a
 /// multiply and a shift, no division).
 #[inline(always)]
@@ -167,6 +187,16 @@ mod tests {
         assert_eq!(key_words(&k), bytes);
         assert!(same_key(&key_words(&k), &bytes));
         assert!(!same_key(&key_words(&key(1, 2)), &key_words(&key(1, 3))));
+    }
+
+    #[test]
+    fn way_masks_count_and_find_their_ways() {
+        for mask in 0..16u64 {
+            assert_eq!(ways_in(mask), u64::from(mask.count_ones()), "{mask:#06b}");
+            if mask != 0 {
+                assert_eq!(lowest_way(mask), mask.trailing_zeros(), "{mask:#06b}");
+            }
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use core::{
 
 use aya_ebpf::maps::Array;
 use lb_common::{
-    flow_table::{same_key, FLOW_CANDIDATES},
+    flow_table::{lowest_way, same_key, ways_in, FLOW_CANDIDATES},
     FlowBucket, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
 };
 
@@ -137,18 +137,8 @@ pub fn find(b: &Buckets, words: &[u64; 5]) -> Found {
     }
 }
 
-// `victim` reads a bucket's empty ways as 4 bits.
-const _: () = assert!(FLOW_WAYS == 4);
 /// A bucket's ways as bits of `victim`'s empty mask.
 const WAYS_MASK: u64 = (1 << FLOW_WAYS) - 1;
-
-/// Empty ways of a bucket (its 4 bits of `victim`'s mask): a popcount by
-/// a 16-entry table of 4-bit counts held in one constant.
-#[inline(always)]
-fn empties(ways: u64) -> u64 {
-    const COUNTS: u64 = 0x4332_3221_3221_2110;
-    (COUNTS >> (ways * 4)) & 0xf
-}
 
 /// Takes the lock of `bucket` (in its first slot's `seq`), in
 /// `LOCK_TRIES` tries.
@@ -260,15 +250,13 @@ pub fn victim(b: &Buckets) -> (*mut FlowSlot, FlowSlot) {
     let best = if empty != 0 {
         let first = empty & WAYS_MASK;
         let second = empty >> FLOW_WAYS;
-        let (ways, base) = if empties(second) > empties(first) {
+        let (ways, base) = if ways_in(second) > ways_in(first) {
             (second, FLOW_WAYS)
         } else {
             (first, 0)
         };
-        // The lowest set bit (1, 2, 4 or 8; the chosen bucket has one) to
-        // its way (0 to 3).
-        let low = ways & ways.wrapping_neg();
-        base + ((low >> 1) - (low >> 3)) as u32
+        // The chosen bucket has an empty way.
+        base + lowest_way(ways)
     } else {
         // Closed before open, then the older first: bit 63 is set for an
         // open flow, the bits below it are last_seen_ns halved.

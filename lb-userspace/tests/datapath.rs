@@ -2231,6 +2231,16 @@ fn a_new_flow_takes_an_empty_slot_of_its_emptier_bucket_else_the_closed_then_the
             counts_close: false,
         },
         VictimCase {
+            // Counted, not compared as bit masks (0b0011 < 0b1000).
+            what: "two empty ways against one: the first bucket's lowest",
+            held: [
+                [None, None, open(1), open(1)],
+                [open(1), open(1), open(1), None],
+            ],
+            expect: (0, 0),
+            counts_close: false,
+        },
+        VictimCase {
             what: "the first bucket full: the second's empty way",
             held: [[open(1); 4], [open(1), open(1), None, open(1)]],
             expect: (1, 2),
@@ -2253,6 +2263,15 @@ fn a_new_flow_takes_an_empty_slot_of_its_emptier_bucket_else_the_closed_then_the
             ],
             expect: (1, 0),
             counts_close: false,
+        },
+        VictimCase {
+            what: "both full, two open flows seen equally long ago: the first candidate",
+            held: [
+                [open(50), open(40), open(90), open(45)],
+                [open(55), open(90), open(30), open(70)],
+            ],
+            expect: (0, 2),
+            counts_close: true,
         },
         VictimCase {
             what: "both full: the oldest open flow's backend replaced, not counted",
