@@ -619,8 +619,6 @@ fn commands(md: &mut String, r: &Results, cmd: &str) {
     );
 }
 
-/// Which regime the new-flow runs measured: a filling table, a full one
-/// (every insert evicts), or both.
 /// The load balancer's program as this run loaded it, and how its time
 /// can be profiled on this machine.
 fn program_paragraph(md: &mut String, k: &super::micro::Kernel, cpu_pmu: bool) {
@@ -648,6 +646,8 @@ fn program_paragraph(md: &mut String, k: &super::micro::Kernel, cpu_pmu: bool) {
     );
 }
 
+/// Which regime the new-flow runs measured: a filling table, a full one
+/// (every insert evicts), or both.
 fn new_flow_split(k: &super::micro::Kernel) -> String {
     match (k.new_flow_filling, k.new_flow_evicting) {
         (Some((fill, nf)), Some((evict, ne))) if nf > 0 && ne > 0 => format!(
