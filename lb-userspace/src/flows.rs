@@ -496,6 +496,35 @@ pub struct LegacyFixture {
     len: usize,
 }
 
+/// bpf(2) command `cmd` with the 128-byte attribute at `attr`: its return
+/// value, or the OS error.
+///
+/// # Safety
+/// `attr` points at 128 readable bytes, a `bpf_attr` for `cmd` (zero past
+/// what `cmd` reads) whose pointers are live.
+unsafe fn bpf(cmd: libc::c_long, attr: *const u8) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller's.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, 128) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// `bpf` for a command that returns a new fd (BPF_MAP_CREATE,
+/// BPF_PROG_LOAD), owned from here.
+///
+/// # Safety
+/// As `bpf`.
+unsafe fn bpf_fd(cmd: libc::c_long, attr: *const u8) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: the caller's; a non-negative return of these commands is a
+    // new fd that nothing else owns.
+    unsafe {
+        let fd = bpf(cmd, attr)?;
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd as i32))
+    }
+}
+
 impl LegacyFixture {
     /// Creates the table (`buckets` entries of `LEGACY_BUCKET_BYTES`),
     /// writes `flows` at their (bucket, way) and pins it at `path`.
@@ -509,13 +538,8 @@ impl LegacyFixture {
         // entries, map_flags BPF_F_MMAPABLE; the rest of the attribute 0.
         let mut attr = [0u32; 32];
         attr[..5].copy_from_slice(&[2, 4, LEGACY_BUCKET_BYTES, buckets, 1 << 10]);
-        // SAFETY: a zero-padded bpf_attr of the size given.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the fd BPF_MAP_CREATE returned, owned from here.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: a zero-padded bpf_attr of 128 bytes.
+        let fd = unsafe { bpf_fd(0, attr.as_ptr().cast()) }?;
         let len = legacy_len(buckets);
         let fixture = Self {
             base: map_shared(fd.as_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
@@ -531,10 +555,8 @@ impl LegacyFixture {
         let mut pin = [0u64; 16];
         pin[0] = c_path.as_ptr() as u64;
         pin[1] = fixture.fd.as_raw_fd() as u64;
-        // SAFETY: a zero-padded bpf_attr of the size given.
-        if unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), 128) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // SAFETY: a zero-padded bpf_attr of 128 bytes; the path lives.
+        unsafe { bpf(6, pin.as_ptr().cast()) }?;
         Ok(fixture)
     }
 
@@ -560,14 +582,9 @@ impl LegacyFixture {
         attr[0] = 1 | ((insns.len() as u64) << 32);
         attr[1] = insns.as_ptr() as u64;
         attr[2] = license.as_ptr() as u64;
-        // SAFETY: a zero-padded bpf_attr of the size given, pointing at
-        // live buffers.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), 128) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the fd BPF_PROG_LOAD returned, owned from here.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+        // SAFETY: a zero-padded bpf_attr of 128 bytes, pointing at live
+        // buffers.
+        unsafe { bpf_fd(5, attr.as_ptr().cast()) }
     }
 
     /// Writes one slot as the older program did (seq 2: written, even).
