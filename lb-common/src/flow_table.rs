@@ -137,6 +137,13 @@ pub fn bucket_pair(hash: u64, buckets: u32) -> [u32; 2] {
     ]
 }
 
+/// The two buckets of flow `key` in a table of `buckets` buckets, as the
+/// datapath finds them (from the words it reads off the packet).
+#[inline(always)]
+pub fn key_buckets(key: &FlowKey, buckets: u32) -> [u32; 2] {
+    bucket_pair(slot_hash(&key_words(key)), buckets)
+}
+
 /// Candidate `i` (`0..FLOW_CANDIDATES`) of a flow in `pair`: bucket
 /// `pair[i / FLOW_WAYS]`, way `i % FLOW_WAYS`.
 #[inline(always)]
@@ -237,7 +244,7 @@ mod tests {
         ] {
             let mut n = [0u32; 1024];
             for k in &flows {
-                let [a, _] = bucket_pair(slot_hash(&key_words(k)), 1024);
+                let [a, _] = key_buckets(k, 1024);
                 n[a as usize] += 1;
             }
             let (min, max) = (n.iter().min().unwrap(), n.iter().max().unwrap());
@@ -258,7 +265,7 @@ mod tests {
         let mut seconds = std::collections::HashSet::new();
         let mut sharing = 0;
         for p in 0..65536u32 {
-            let [a, b] = bucket_pair(slot_hash(&key_words(&key(0x0ac8_0001, p as u16))), 1024);
+            let [a, b] = key_buckets(&key(0x0ac8_0001, p as u16), 1024);
             if a == 0 {
                 sharing += 1;
                 seconds.insert(b);

@@ -17,7 +17,7 @@ use std::{
 
 use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
-    flow_table::{bucket_pair, candidate, key_words, same_key, slot_hash, FLOW_CANDIDATES},
+    flow_table::{candidate, key_buckets, key_words, same_key, FLOW_CANDIDATES},
     FlowBucket, FlowKey, FlowSlot, FlowValue, FLOW_BUCKET_LOCK, FLOW_F_CLOSED, FLOW_WAYS,
 };
 
@@ -155,7 +155,7 @@ impl FlowTable {
     }
 
     fn pair(&self, key: &FlowKey) -> [u32; 2] {
-        bucket_pair(slot_hash(&key_words(key)), self.buckets)
+        key_buckets(key, self.buckets)
     }
 
     /// The slot indexes of a flow's candidates.

@@ -1632,10 +1632,7 @@ fn a_restarted_daemon_migrates_a_flow_table_of_72_byte_slots() {
     let buckets = lb_common::flow_table::buckets_for(cfg.datapath.flow_table_size);
     let mut used = std::collections::HashSet::new();
     let mut place = |key: &FlowKey| {
-        let pair = lb_common::flow_table::bucket_pair(
-            lb_common::flow_table::slot_hash(&lb_common::flow_table::key_words(key)),
-            buckets,
-        );
+        let pair = lb_common::flow_table::key_buckets(key, buckets);
         (0..lb_common::flow_table::FLOW_CANDIDATES)
             .map(|i| lb_common::flow_table::candidate(&pair, i))
             .find(|at| used.insert(*at))
@@ -2296,10 +2293,7 @@ fn a_new_flow_takes_an_empty_slot_of_its_emptier_bucket_else_the_closed_then_the
         let (key, pair) = loop {
             port += 1;
             let key = flow4(CLIENT4, VIP4, port, 80, PROTO_TCP);
-            let pair = lb_common::flow_table::bucket_pair(
-                lb_common::flow_table::slot_hash(&lb_common::flow_table::key_words(&key)),
-                buckets,
-            );
+            let pair = lb_common::flow_table::key_buckets(&key, buckets);
             if pair[0] != pair[1]
                 && !used_buckets.contains(&pair[0])
                 && !used_buckets.contains(&pair[1])
