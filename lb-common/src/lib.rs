@@ -19,7 +19,15 @@ pub mod maps {
     pub const RINGS: &str = "XLB_RINGS";
     pub const FLOWS: &str = "XLB_FLOWS";
     pub const TX_PORTS: &str = "XLB_TX_PORTS";
-    pub const VIP_STATS: &str = "XLB_VIP_STATS";
+    /// Written by the daemon only: per VIP id, what the VIP's former
+    /// backends counted (their packets, bytes and new flows at the moment
+    /// they left it). The datapath counts a packet on its backend alone;
+    /// a VIP's counters are this plus its backends' (`State::vip_counters`).
+    pub const VIP_RETIRED: &str = "XLB_VIP_RETIRED";
+    /// The per-CPU VIP counters of daemons before `VIP_RETIRED`: a start
+    /// that finds this pin and no `VIP_RETIRED` one turns it into that map
+    /// (`Dataplane::load`) and removes it.
+    pub const LEGACY_VIP_STATS: &str = "XLB_VIP_STATS";
     pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
     pub const REASON_STATS: &str = "XLB_REASON_STATS";
     /// Written by the daemon only: flows it expired for being idle, per
@@ -47,7 +55,7 @@ pub mod maps {
         RINGS,
         FLOWS,
         TX_PORTS,
-        VIP_STATS,
+        VIP_RETIRED,
         BACKEND_STATS,
         REASON_STATS,
         BACKEND_EXPIRED,
@@ -164,7 +172,7 @@ pub const VIP_F_AFFINITY_CLIENT_IP: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index into `XLB_VIP_STATS` and the ring area of `XLB_RINGS`.
+    /// Index into `XLB_VIP_RETIRED` and the ring area of `XLB_RINGS`.
     pub id: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
@@ -219,9 +227,9 @@ pub struct Backend {
     pub flags: u32,
     /// The VIP this backend serves, and its address (network order, IPv4 in
     /// word 0): unused by the datapath, they let a restarted daemon adopt
-    /// the table and keep every id and generation.
-    /// Also: a flow-table hit counts the packet for this VIP without a VIP
-    /// lookup.
+    /// the table and keep every id and generation (and the daemon and a
+    /// start that converts `LEGACY_VIP_STATS` sum the VIP's counters over
+    /// its backends with it).
     pub vip_id: u32,
     pub addr: [u32; 4],
     pub family: u8,
@@ -277,7 +285,8 @@ impl FlowValue {
     }
 }
 
-/// Per-CPU counters of a VIP or a backend.
+/// Per-CPU counters of a backend (`XLB_BACKEND_STATS`), and the sums the
+/// daemon keeps of a VIP's (`XLB_VIP_RETIRED`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -298,6 +307,16 @@ impl Counters {
         self.bytes += other.bytes;
         self.new_flows += other.new_flows;
         self.closed_flows += other.closed_flows;
+    }
+
+    /// Each counter less `other`'s, at least 0.
+    pub fn saturating_sub(&self, other: &Counters) -> Counters {
+        Counters {
+            packets: self.packets.saturating_sub(other.packets),
+            bytes: self.bytes.saturating_sub(other.bytes),
+            new_flows: self.new_flows.saturating_sub(other.new_flows),
+            closed_flows: self.closed_flows.saturating_sub(other.closed_flows),
+        }
     }
 }
 

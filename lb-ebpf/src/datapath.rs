@@ -45,8 +45,11 @@ static XLB_FLOWS: Array<FlowBucket> =
     Array::with_max_entries(buckets_for(DEFAULT_FLOW_TABLE_SIZE), BPF_F_MMAPABLE);
 #[map]
 static XLB_TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
+/// Written by the daemon only: a VIP's packets are counted on its
+/// backends (one per-CPU counter update a packet, not two), and this keeps
+/// what the VIP's former backends counted (see `lb_common::maps`).
 #[map]
-static XLB_VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+static XLB_VIP_RETIRED: Array<Counters> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 #[map]
 static XLB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
@@ -116,9 +119,10 @@ fn count_reason(reason: Reason) {
     }
 }
 
+/// Counts a packet of `bytes` on the backend `id` it goes to.
 #[inline(always)]
-fn count(stats: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
-    if let Some(c) = stats.get_ptr_mut(index) {
+fn count(id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = XLB_BACKEND_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU slot, no other writer on this CPU.
         unsafe {
             (*c).packets += 1;
@@ -613,36 +617,34 @@ fn ring_pick(vip: &VipInfo, hash: u32) -> Result<(u32, *const Backend), Reason> 
     Ok((id, entry))
 }
 
-/// The VIP of a packet that is not an established flow's (`key`, and its
-/// flow `flow` with slot hash `slot_hash`), and the backend its ring
-/// names for the flow.
+/// The backend the ring of the packet's VIP names for a flow that is not
+/// an established one (`key`, and its flow `flow` with slot hash
+/// `slot_hash`).
 #[inline(always)]
 fn vip_and_pick(
     key: &VipKey,
     flow: &FlowKey,
     slot_hash: u64,
-) -> Result<(u32, (u32, *const Backend)), Reason> {
+) -> Result<(u32, *const Backend), Reason> {
     let bit = vip_filter(key)?;
     let vip = vip_info(key, bit).ok_or(Reason::PassNotVip)?;
-    let pick = ring_pick(&vip, ring_hash(&vip, flow, slot_hash))?;
-    Ok((vip.id, pick))
+    ring_pick(&vip, ring_hash(&vip, flow, slot_hash))
 }
 
 /// Records a flow the table does not pin (`found`: `Missing`, `Replace`
-/// or `Unread`) on the backend its VIP's ring names (`pick`; the VIP is
-/// `vip_id`). Returns the backend, the VIP to count the packet on and
-/// whether this packet made the flow (counted as a new flow). Nothing is
-/// written before the ring has answered, so a flow whose VIP has no
-/// backend right now keeps its entry as it was.
+/// or `Unread`) on the backend its VIP's ring names (`pick`). Returns the
+/// backend the packet goes to and whether this packet made the flow
+/// (counted as a new flow). Nothing is written before the ring has
+/// answered, so a flow whose VIP has no backend right now keeps its entry
+/// as it was.
 #[inline(always)]
 fn schedule(
-    vip_id: u32,
     pick: (u32, *const Backend),
     words: &[u64; 5],
     b: &Buckets,
     tcp_flags: u8,
     found: Tracked,
-) -> (u32, *const Backend, u32, bool) {
+) -> (u32, *const Backend, bool) {
     let (id, backend) = pick;
     let closing = is_closing(tcp_flags);
     let now = clock();
@@ -692,11 +694,9 @@ fn schedule(
                     }
                     flows::unlock(b);
                     if on.backend.is_null() {
-                        return (id, backend, vip_id, false);
+                        return (id, backend, false);
                     }
-                    // SAFETY: a map value pointer.
-                    let entry_vip = unsafe { (*on.backend).vip_id };
-                    return (old.backend_id(), on.backend, entry_vip, false);
+                    return (old.backend_id(), on.backend, false);
                 }
             }
             // SAFETY (seq_of, write): as above.
@@ -730,16 +730,15 @@ fn schedule(
         // Contended past the bound: the ring's answer (the same until the
         // backend set changes), unrecorded and uncounted; the flow's next
         // packet tries again.
-        return (id, backend, vip_id, false);
+        return (id, backend, false);
     }
     if !made {
-        let (id, backend, new_flow) = follow(words, b, tcp_flags, (id, backend));
-        return (id, backend, vip_id, new_flow);
+        return follow(words, b, tcp_flags, (id, backend));
     }
     if closing {
         count_closed(id);
     }
-    (id, backend, vip_id, true)
+    (id, backend, true)
 }
 
 #[inline(always)]
@@ -802,29 +801,25 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
     // (Plain variables, not an Option of a tuple: see `Tracked`.)
     let syn = parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut early = false;
-    let mut early_vip = 0;
     let mut early_pick: (u32, *const Backend) = (0, core::ptr::null());
     if syn {
-        if let Ok((vip_id, pick)) = vip_and_pick(&vip_key, &flow, flow_slot_hash) {
+        if let Ok(pick) = vip_and_pick(&vip_key, &flow, flow_slot_hash) {
             early = true;
-            early_vip = vip_id;
             early_pick = pick;
         }
     }
-    let (id, backend, vip_id, new_flow) = 'path: {
-        let (found, vip_id, pick) = if early {
-            (Tracked::unread(), early_vip, early_pick)
+    let (id, backend, new_flow) = 'path: {
+        let (found, pick) = if early {
+            (Tracked::unread(), early_pick)
         } else {
             let found = tracked_backend(&words, &b, parsed.tcp_flags);
             if found.track == Track::Pinned {
-                // SAFETY: a map value pointer (Pinned).
-                let vip_id = unsafe { (*found.backend).vip_id };
-                break 'path (found.id, found.backend, vip_id, false);
+                break 'path (found.id, found.backend, false);
             }
-            let (vip_id, pick) = vip_and_pick(&vip_key, &flow, flow_slot_hash)?;
-            (found, vip_id, pick)
+            let pick = vip_and_pick(&vip_key, &flow, flow_slot_hash)?;
+            (found, pick)
         };
-        schedule(vip_id, pick, &words, &b, parsed.tcp_flags, found)
+        schedule(pick, &words, &b, parsed.tcp_flags, found)
     };
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -850,7 +845,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Reason> {
             .redirect(backend.tx_port, 0)
             .map_err(|_| Reason::DropRedirectFailed)?
     };
-    count(&XLB_VIP_STATS, vip_id, bytes, new_flow);
-    count(&XLB_BACKEND_STATS, id, bytes, new_flow);
+    // The one counter update: the VIP's counters are its backends' sums
+    // (the daemon adds what its former backends counted).
+    count(id, bytes, new_flow);
     Ok(action)
 }

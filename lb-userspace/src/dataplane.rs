@@ -122,7 +122,7 @@ fn expected_layout(name: &str, settings: &DatapathSettings) -> (u32, u32, u32) {
             buckets_for(settings.flow_table_size),
         ),
         maps::TX_PORTS => (4, 8, MAX_TX_PORTS),
-        maps::VIP_STATS => (4, sz(size_of::<Counters>()), settings.max_vips),
+        maps::VIP_RETIRED => (4, sz(size_of::<Counters>()), settings.max_vips),
         maps::BACKEND_STATS => (4, sz(size_of::<Counters>()), MAX_BACKENDS),
         maps::REASON_STATS => (4, 8, REASON_SLOTS),
         maps::BACKEND_EXPIRED => (4, 8, MAX_BACKENDS),
@@ -170,7 +170,7 @@ pub struct Dataplane {
     /// `finish_migration`.
     legacy: Option<Legacy>,
     tx_ports: DevMap<MapData>,
-    vip_stats: PerCpuArray<MapData, Counters>,
+    vip_retired: Array<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, u64>,
 }
@@ -198,13 +198,14 @@ impl Dataplane {
         let buckets = buckets_for(settings.flow_table_size);
         let mut adopted = false;
         let mut legacy = None;
+        let mut legacy_vip_stats = None;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::RING_SIZE, &settings.ring_size, true)
             .override_global(globals::RING_CHUNKS, &chunks, true)
             .override_global(globals::FLOW_BUCKETS, &buckets, true)
             .map_max_entries(maps::VIPS, settings.max_vips)
-            .map_max_entries(maps::VIP_STATS, settings.max_vips)
+            .map_max_entries(maps::VIP_RETIRED, settings.max_vips)
             .map_max_entries(maps::VIP_BY_ID, settings.max_vips)
             .map_max_entries(maps::RINGS, settings.max_vips * 2 * chunks)
             .map_max_entries(maps::FLOWS, buckets);
@@ -229,6 +230,15 @@ impl Dataplane {
                 }
                 loader.map_pin_path(name, path);
             }
+            let path = dir.join(maps::LEGACY_VIP_STATS);
+            if path.exists() {
+                check_pinned(
+                    &path,
+                    dir,
+                    (4, size_of::<Counters>() as u32, settings.max_vips),
+                )?;
+                legacy_vip_stats = Some(path);
+            }
         }
         // The older table's pin moves aside (not away: a failed load puts
         // it back), so the loader pins a new table in its place.
@@ -239,6 +249,9 @@ impl Dataplane {
         match Self::load_object(loader, settings, buckets, pin_dir, adopted, legacy.as_ref()) {
             Ok(mut dp) => {
                 dp.legacy = legacy;
+                if let Some(path) = legacy_vip_stats {
+                    dp.convert_vip_stats(&path)?;
+                }
                 Ok(dp)
             }
             Err(e) => {
@@ -292,7 +305,7 @@ impl Dataplane {
             flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), buckets)?,
             legacy: None,
             tx_ports: take_map!(ebpf, maps::TX_PORTS),
-            vip_stats: take_map!(ebpf, maps::VIP_STATS),
+            vip_retired: take_map!(ebpf, maps::VIP_RETIRED),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
             reason_stats: take_map!(ebpf, maps::REASON_STATS),
             backend_expired: take_map!(ebpf, maps::BACKEND_EXPIRED),
@@ -511,10 +524,11 @@ impl Dataplane {
             remove_pin(path)?;
         }
         if let Some(dir) = &self.pin_dir {
-            for name in maps::ALL
-                .iter()
-                .chain([&LEGACY_FLOWS_PIN, &LEGACY_FLOWS_PIN_TAKEN_OVER])
-            {
+            for name in maps::ALL.iter().chain([
+                &LEGACY_FLOWS_PIN,
+                &LEGACY_FLOWS_PIN_TAKEN_OVER,
+                &maps::LEGACY_VIP_STATS,
+            ]) {
                 remove_pin(&dir.join(name))?;
             }
             // Only empty: something else may share the directory.
@@ -819,11 +833,74 @@ impl Dataplane {
         })
     }
 
-    pub fn vip_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
-        self.vip_stats
+    /// What the former backends of VIP `id` counted (`maps::VIP_RETIRED`).
+    pub fn vip_retired(&self, id: u32) -> Result<Counters, DataplaneError> {
+        self.vip_retired
             .get(&id, 0)
-            .map(|v| Self::sum(&v))
-            .map_err(map_err(format!("reading VIP {id} counters")))
+            .map_err(map_err(format!("reading VIP {id} retired counters")))
+    }
+
+    /// Adds a backend's counters to what VIP `id`'s former backends
+    /// counted, as it leaves the VIP.
+    pub fn add_vip_retired(&mut self, id: u32, counters: &Counters) -> Result<(), DataplaneError> {
+        let mut retired = self.vip_retired(id)?;
+        retired.add(counters);
+        self.set_vip_retired(id, &retired)
+    }
+
+    fn set_vip_retired(&mut self, id: u32, counters: &Counters) -> Result<(), DataplaneError> {
+        self.vip_retired
+            .set(id, counters, 0)
+            .map_err(map_err(format!("writing VIP {id} retired counters")))
+    }
+
+    /// Turns an older daemon's per-CPU VIP counters (`maps::LEGACY_VIP_STATS`
+    /// at `path`, where its datapath counted every packet on the VIP as well
+    /// as on the backend) into `maps::VIP_RETIRED`, then removes that pin.
+    /// What a VIP counted less what its backends hold now is what its
+    /// former backends counted: each packet of the older program adds the
+    /// same to both, so the difference does not depend on when it is read,
+    /// and this load's program, which counts on backends only, is not
+    /// attached yet. (A start that failed after the loader pinned an empty
+    /// `VIP_RETIRED` left the older pin: the next one converts it.)
+    fn convert_vip_stats(&mut self, path: &Path) -> Result<(), DataplaneError> {
+        let map = MapData::from_pin(path).map_err(|source| opening_error(path, source))?;
+        let legacy: PerCpuArray<MapData, Counters> = aya::maps::Map::PerCpuArray(map)
+            .try_into()
+            .map_err(map_err(format!("opening {}", path.display())))?;
+        let vips = self.settings.max_vips;
+        let mut on_backends = vec![Counters::default(); vips as usize];
+        for id in 0..MAX_BACKENDS {
+            let entry = self.backend(id)?;
+            if entry.generation != 0 && entry.vip_id < vips {
+                on_backends[entry.vip_id as usize].add(&self.backend_counters(id)?);
+            }
+        }
+        let mut converted = 0;
+        for (id, on_backends) in (0..vips).zip(&on_backends) {
+            let counted = legacy
+                .get(&id, 0)
+                .map(|v| Self::sum(&v))
+                .map_err(map_err(format!(
+                    "reading VIP {id} counters at {}",
+                    path.display()
+                )))?;
+            if counted != Counters::default() {
+                self.set_vip_retired(id, &counted.saturating_sub(on_backends))?;
+                converted += 1;
+            }
+        }
+        drop(legacy);
+        std::fs::remove_file(path).map_err(|source| DataplaneError::Pin {
+            context: format!("removing {} after converting it", path.display()),
+            source,
+        })?;
+        tracing::info!(
+            "converted the per-VIP counters of {converted} VIPs from {} (VIP counters are \
+             their backends' sums now)",
+            path.display()
+        );
+        Ok(())
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
@@ -847,9 +924,7 @@ impl Dataplane {
                 .map_err(|e| DataplaneError::Cpus(e.to_string()))
         };
         if let Some(id) = vip_id {
-            self.vip_stats
-                .set(id, zeros()?, 0)
-                .map_err(map_err(format!("zeroing VIP {id} counters")))?;
+            self.set_vip_retired(id, &Counters::default())?;
         }
         if let Some(id) = backend_id {
             self.backend_stats
@@ -872,6 +947,48 @@ impl Dataplane {
             })
             .collect()
     }
+}
+
+/// Pins at `path` per-CPU VIP counters made the way an older build made
+/// them (`maps::LEGACY_VIP_STATS`: a per-CPU array of `max_vips`
+/// `Counters`), each of `counters` on CPU 0: for tests of their
+/// conversion, never used by the daemon.
+#[doc(hidden)]
+pub fn pin_legacy_vip_stats(
+    path: &Path,
+    max_vips: u32,
+    counters: &[(u32, Counters)],
+) -> std::io::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let value_size = size_of::<Counters>();
+    // BPF_MAP_CREATE (0): map_type PERCPU_ARRAY (6), key 4, value size,
+    // max entries; the rest of the attribute 0.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[6, 4, value_size as u32, max_vips]);
+    // SAFETY: a zero-padded bpf_attr of 128 bytes.
+    let fd = unsafe { crate::flows::bpf_fd(0, attr.as_ptr().cast()) }?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for &(id, c) in counters {
+        // One value per possible CPU (each 8-byte aligned): CPU 0's first.
+        let mut values = vec![Counters::default(); cpus];
+        values[0] = c;
+        // BPF_MAP_UPDATE_ELEM (2): map_fd, key, value, flags 0.
+        let mut update = [0u64; 16];
+        update[0] = fd.as_raw_fd() as u64;
+        update[1] = &raw const id as u64;
+        update[2] = values.as_ptr() as u64;
+        // SAFETY: a zero-padded bpf_attr of 128 bytes pointing at live
+        // buffers: the key, and a value for each possible CPU.
+        unsafe { crate::flows::bpf(2, update.as_ptr().cast()) }?;
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // BPF_OBJ_PIN (6): pathname, bpf_fd.
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd.as_raw_fd() as u64;
+    // SAFETY: a zero-padded bpf_attr of 128 bytes; the path lives.
+    unsafe { crate::flows::bpf(6, pin.as_ptr().cast()) }?;
+    Ok(())
 }
 
 fn opening_error(path: &Path, source: MapError) -> DataplaneError {

@@ -502,7 +502,7 @@ pub struct LegacyFixture {
 /// # Safety
 /// `attr` points at 128 readable bytes, a `bpf_attr` for `cmd` (zero past
 /// what `cmd` reads) whose pointers are live.
-unsafe fn bpf(cmd: libc::c_long, attr: *const u8) -> std::io::Result<libc::c_long> {
+pub(crate) unsafe fn bpf(cmd: libc::c_long, attr: *const u8) -> std::io::Result<libc::c_long> {
     // SAFETY: the caller's.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, 128) };
     if r < 0 {
@@ -516,7 +516,10 @@ unsafe fn bpf(cmd: libc::c_long, attr: *const u8) -> std::io::Result<libc::c_lon
 ///
 /// # Safety
 /// As `bpf`.
-unsafe fn bpf_fd(cmd: libc::c_long, attr: *const u8) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) unsafe fn bpf_fd(
+    cmd: libc::c_long,
+    attr: *const u8,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the caller's; a non-negative return of these commands is a
     // new fd that nothing else owns.
     unsafe {

@@ -607,6 +607,12 @@ impl State {
         for (k, slot) in &self.backends {
             if !new_backends.contains_key(k) {
                 dp.set_backend(slot.id, &Backend::default())?;
+                // The VIP keeps what the backend counted (read after the
+                // entry is gone, so the datapath counts nothing more on
+                // it but packets already past their lookup).
+                if let Some(vip) = new_vips.get(&k.0) {
+                    dp.add_vip_retired(vip.info.id, &dp.backend_counters(slot.id)?)?;
+                }
                 free_backend_ids.push(slot.id);
                 summary.backends_removed += 1;
             }
@@ -827,7 +833,7 @@ impl State {
             .iter()
             .map(|vip| {
                 let key = vip_key(vip);
-                let c = dp.vip_counters(self.vips[&key].info.id)?;
+                let c = self.vip_counters(dp, &key)?;
                 let label = vip.label();
                 let mine: Vec<&api::BackendStatus> =
                     backends.iter().filter(|b| b.vip == label).collect();
@@ -854,6 +860,22 @@ impl State {
                 })
             })
             .collect()
+    }
+
+    /// The counters of the VIP `key` (zero if it has none): the sums of its
+    /// backends' and of what its former backends counted (the datapath
+    /// counts each packet on its backend only).
+    pub fn vip_counters(&self, dp: &Dataplane, key: &VipKey) -> Result<Counters, DataplaneError> {
+        let Some(vip) = self.vips.get(key) else {
+            return Ok(Counters::default());
+        };
+        let mut total = dp.vip_retired(vip.info.id)?;
+        for ((vip_key, _), slot) in &self.backends {
+            if vip_key == key {
+                total.add(&dp.backend_counters(slot.id)?);
+            }
+        }
+        Ok(total)
     }
 
     /// Backend id and generation for a VIP's backend (tests and debugging).

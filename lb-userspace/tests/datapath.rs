@@ -15,7 +15,7 @@ use std::{net::IpAddr, process::Command};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     hash::{client_hash, flow_hash, ring_slot},
-    maglev, FlowKey, FlowValue, Reason, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    maglev, maps, Counters, FlowKey, FlowValue, Reason, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
 };
 use xdplb::{
     api::Health,
@@ -390,24 +390,43 @@ impl Harness {
         (result.return_value, out)
     }
 
-    /// New flows counted over every VIP slot.
+    /// New flows counted over every VIP.
     fn total_new_flows(&self) -> u64 {
-        (0..self.dp.settings().max_vips)
-            .map(|id| self.dp.vip_counters(id).expect("counters").new_flows)
+        self.cfg
+            .vips
+            .iter()
+            .map(|vip| {
+                self.state
+                    .vip_counters(&self.dp, &xdplb::state::vip_key(vip))
+                    .expect("VIP counters")
+                    .new_flows
+            })
             .sum()
     }
 
-    /// Packets counted on VIP `name`.
-    fn vip_packets(&self, name: &str) -> u64 {
+    /// The counters of VIP `name`.
+    fn vip_counters(&self, name: &str) -> Counters {
+        self.state
+            .vip_counters(&self.dp, &xdplb::state::vip_key(self.vip(name)))
+            .expect("VIP counters")
+    }
+
+    /// The id of VIP `name` (its `XLB_VIPS` entry's).
+    fn vip_id(&self, name: &str) -> u32 {
         let key = xdplb::state::vip_key(self.vip(name));
-        let (_, info) = self
-            .dp
+        self.dp
             .vip_entries()
             .expect("VIP entries")
             .into_iter()
             .find(|(k, _)| *k == key)
-            .expect("the VIP's entry");
-        self.dp.vip_counters(info.id).expect("counters").packets
+            .expect("the VIP's entry")
+            .1
+            .id
+    }
+
+    /// Packets counted on VIP `name`.
+    fn vip_packets(&self, name: &str) -> u64 {
+        self.vip_counters(name).packets
     }
 
     fn reasons(&self) -> Vec<(Reason, u64)> {
@@ -965,7 +984,7 @@ fn first_packet_inserts_a_flow_and_counts_it_once() {
     let mut h = Harness::new();
     let packet = tcp4(VIP4, 40000, 80);
     let (b1, gen) = h.backend("single-tcp", "10.200.0.11");
-    let vip_before = h.dp.vip_counters(0).expect("counters");
+    let vip_before = h.vip_counters("single-tcp");
     check(
         &mut h,
         "IPv4 TCP SYN, miss",
@@ -983,7 +1002,7 @@ fn first_packet_inserts_a_flow_and_counts_it_once() {
         Some((b1, gen, 0)),
         "flow entry inserted, open"
     );
-    let vip = h.dp.vip_counters(0).expect("counters");
+    let vip = h.vip_counters("single-tcp");
     assert_eq!(vip.packets - vip_before.packets, 1);
     assert_eq!(vip.bytes - vip_before.bytes, packet.len() as u64);
     assert_eq!(vip.new_flows - vip_before.new_flows, 1);
@@ -1203,6 +1222,78 @@ fn removed_backend_flows_are_rescheduled_not_blackholed() {
             None,
         );
     }
+}
+
+/// VIP `name` of `cfg`, to change.
+fn vip_mut<'c>(cfg: &'c mut Config, name: &str) -> &'c mut Vip {
+    cfg.vips
+        .iter_mut()
+        .find(|v| v.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no VIP named {name}"))
+}
+
+#[test]
+fn a_vip_keeps_what_its_removed_backends_counted() {
+    // The datapath counts a packet on its backend only: a VIP's counters
+    // are its backends' plus what the backends that left it counted.
+    let mut h = Harness::new();
+    for p in 55000..55060u16 {
+        assert_eq!(h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN)).0, XDP_TX);
+    }
+    let before = h.vip_counters("three");
+    assert_eq!((before.packets, before.new_flows), (60, 60));
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3 = h.dp.backend_counters(b3).expect("counters");
+    assert!(
+        on_b3.packets > 0,
+        "the ring sent none of 60 flows to 10.200.0.13"
+    );
+
+    // 10.200.0.13 leaves the VIP, then a new backend takes its id.
+    let mut cfg = h.cfg.clone();
+    vip_mut(&mut cfg, "three")
+        .backends
+        .retain(|b| b.address.to_string() != "10.200.0.13");
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    h.cfg = cfg.clone();
+    assert_eq!(h.vip_counters("three"), before, "after removing a backend");
+    let three = vip_mut(&mut cfg, "three");
+    let mut extra = three.backends[0].clone();
+    extra.address = "10.200.0.14".parse().expect("address");
+    extra.mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x14]));
+    three.backends.push(extra);
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    h.cfg = cfg.clone();
+    let (b4, _) = h.backend("three", "10.200.0.14");
+    assert_eq!(b4, b3, "the new backend has the freed id");
+    assert_eq!(
+        h.dp.backend_counters(b4).expect("counters"),
+        Counters::default()
+    );
+    assert_eq!(h.vip_counters("three"), before, "after reusing the id");
+    h.run(&tcp4_flags(VIP4_THREE, 56000, 80, TCP_SYN));
+    assert_eq!(h.vip_counters("three").packets, before.packets + 1);
+
+    // A VIP that takes a removed VIP's id starts from zero.
+    let three_id = h.vip_id("three");
+    cfg.vips.retain(|v| v.name.as_deref() != Some("three"));
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    let mut other = h.vip("single-tcp").clone();
+    other.name = Some("other".into());
+    other.address = "10.200.100.9".parse().expect("address");
+    cfg.vips.push(other);
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    h.cfg = cfg;
+    assert_eq!(h.vip_id("other"), three_id, "the VIP has the freed id");
+    assert_eq!(h.vip_counters("other"), Counters::default());
 }
 
 // --------------------------------------------- connection accounting, state
@@ -1566,7 +1657,7 @@ fn a_restarted_daemon_adopts_pinned_maps() {
     for p in 54000..54032u16 {
         first.push(h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN)).1[0..6].to_vec());
     }
-    let packets_before = h.dp.vip_counters(2).expect("counters").packets;
+    let packets_before = h.vip_packets("three");
 
     // "Restart": a new datapath and state from the pins alone.
     h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("adopt");
@@ -1583,10 +1674,7 @@ fn a_restarted_daemon_adopts_pinned_maps() {
         .map(|a| h.backend("three", a))
         .collect();
     assert_eq!(ids, ids_after, "ids and generations kept");
-    assert!(
-        h.dp.vip_counters(2).expect("counters").packets >= packets_before,
-        "counters kept"
-    );
+    assert!(h.vip_packets("three") >= packets_before, "counters kept");
     let before = h.total_new_flows();
     for (i, p) in (54000..54032u16).enumerate() {
         let out = h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_ACK)).1;
@@ -1610,6 +1698,62 @@ fn a_restarted_daemon_adopts_pinned_maps() {
         .expect("mismatch refused");
     assert!(err.to_string().contains("max entries"), "{err}");
 
+    h.dp.unpin().expect("unpin");
+    assert!(!dir.exists(), "pins removed");
+}
+
+#[test]
+fn a_start_turns_older_per_vip_counters_into_its_own() {
+    // An older daemon's datapath counted every packet on its VIP too, in a
+    // per-CPU map (`XLB_VIP_STATS`). A start that finds that pin keeps, per
+    // VIP, what it counted beyond the VIP's backends now: what its former
+    // backends counted.
+    let (mut h, _pins, dir, mut resolver) = pinned_harness("vipstats");
+    let cfg = h.cfg.clone();
+    for p in 57000..57030u16 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    h.run(&tcp4_flags(VIP4, 57000, 80, TCP_SYN));
+    let former = Counters {
+        packets: 1000,
+        bytes: 64_000,
+        new_flows: 10,
+        closed_flows: 7,
+    };
+    let mut three_counted = h.vip_counters("three");
+    assert_eq!(three_counted.packets, 30);
+    three_counted.add(&former);
+    let (three, single) = (h.vip_id("three"), h.vip_id("single-tcp"));
+    let single_now = h.vip_counters("single-tcp");
+    assert_eq!(single_now.packets, 1);
+
+    // The pins as an older daemon left them: its VIP counters, no retired
+    // ones. single-tcp's count is below its backend's (a count the older
+    // daemon reset): nothing retired, not a negative.
+    std::fs::remove_file(dir.join(maps::VIP_RETIRED)).expect("unpin");
+    let legacy = dir.join(maps::LEGACY_VIP_STATS);
+    let single_counted = Counters {
+        bytes: 1,
+        ..single_now
+    };
+    xdplb::dataplane::pin_legacy_vip_stats(
+        &legacy,
+        cfg.datapath.max_vips,
+        &[(three, three_counted), (single, single_counted)],
+    )
+    .expect("older VIP counters");
+
+    for start in ["first", "second"] {
+        h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("adopt");
+        assert!(!legacy.exists(), "{start} start: the older pin is gone");
+        h.state = State::default();
+        h.state.adopt(&h.dp).expect("adopt state");
+        h.state
+            .apply(&mut h.dp, &cfg, &mut resolver)
+            .expect("apply");
+        assert_eq!(h.vip_counters("three"), three_counted, "{start} start");
+        assert_eq!(h.vip_counters("single-tcp"), single_now, "{start} start");
+    }
     h.dp.unpin().expect("unpin");
     assert!(!dir.exists(), "pins removed");
 }

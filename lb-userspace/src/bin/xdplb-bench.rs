@@ -52,7 +52,7 @@ use xdplb::{
     config::{Config, MacAddr},
     dataplane::Dataplane,
     netdev::{self, Interface, NetError},
-    state::{Resolver, State},
+    state::{vip_key, Resolver, State},
 };
 
 /// The helper programs, built by build.rs (aya-build builds every binary
@@ -511,11 +511,16 @@ fn load_lb(yaml: &str, resolver: &mut FixedResolver) -> Result<(Dataplane, State
     Ok((dp, state))
 }
 
-/// VIP counters summed over every VIP slot (the configs have one VIP).
-fn vip_totals(dp: &Dataplane) -> Result<Counters> {
+/// The counters of every VIP of the load balancer's configuration (the
+/// configs have one VIP).
+fn vip_totals((dp, state): (&Dataplane, &State)) -> Result<Counters> {
     let mut total = Counters::default();
-    for id in 0..dp.settings().max_vips {
-        total.add(&dp.vip_counters(id).context("reading VIP counters")?);
+    for vip in state.config().map_or(&[][..], |c| c.vips.as_slice()) {
+        total.add(
+            &state
+                .vip_counters(dp, &vip_key(vip))
+                .context("reading VIP counters")?,
+        );
     }
     Ok(total)
 }
@@ -670,7 +675,7 @@ fn time_new_flows(
     obj: &mut BenchObject,
     jump: &mut ProgramArray<MapData>,
     lb_fd: &aya::programs::ProgramFd,
-    lb: &Dataplane,
+    lb: (&Dataplane, &State),
     frame: &[u8],
     repeat: u32,
     case: &str,
@@ -728,7 +733,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         ifindex: 1,
         mac: MacAddr(LB_MAC),
     }]);
-    let (mut dp, _state) = load_lb(&kernel_config(FLOW_TABLE_SIZE), &mut resolver)?;
+    let (mut dp, state) = load_lb(&kernel_config(FLOW_TABLE_SIZE), &mut resolver)?;
     let table_size = dp.settings().flow_table_size;
     ensure!(
         table_size >= FLOW_TABLE_SIZE,
@@ -736,7 +741,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
     );
     // The same datapath and VIP with a flow table small enough to stay in
     // the caches: (b) without its memory latency.
-    let (mut cached_dp, _cached_state) =
+    let (mut cached_dp, cached_state) =
         load_lb(&kernel_config(CACHED_FLOW_TABLE_SIZE), &mut resolver)?;
     let mut obj = BenchObject::load(table_size)?;
     let mut jump: ProgramArray<MapData> = obj.take_map(bench::JUMP)?;
@@ -786,7 +791,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             XDP_TX,
             "established_tcp (first packet)",
         )?;
-        let before = vip_totals(&dp)?;
+        let before = vip_totals((&dp, &state))?;
         a.push(time_run(
             dp.program_mut(),
             &established,
@@ -794,7 +799,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             XDP_TX,
             "established_tcp",
         )?);
-        let after = vip_totals(&dp)?;
+        let after = vip_totals((&dp, &state))?;
         ensure!(
             after.packets - before.packets == u64::from(repeat)
                 && after.new_flows == before.new_flows,
@@ -808,7 +813,13 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         // Once the table is full, every insert also evicts.
         evicting.push(inserted + 1 + u64::from(repeat) > u64::from(table_size));
         b.push(time_new_flows(
-            &mut obj, &mut jump, &lb_fd, &dp, &new_flow, repeat, "new_flow",
+            &mut obj,
+            &mut jump,
+            &lb_fd,
+            (&dp, &state),
+            &new_flow,
+            repeat,
+            "new_flow",
         )?);
         new_flows_counted.push(u64::from(repeat));
         inserted += u64::from(repeat);
@@ -829,7 +840,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             &mut obj,
             &mut jump,
             &cached_fd,
-            &cached_dp,
+            (&cached_dp, &cached_state),
             &new_flow,
             repeat,
             "new_flow_cached",
@@ -885,7 +896,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         lru_insert.push(i);
 
         // The reset step alone: reset -> xlb_bench_tx.
-        let before = vip_totals(&dp)?;
+        let before = vip_totals((&dp, &state))?;
         reset.push(time_behind_reset(
             &mut obj,
             &mut jump,
@@ -895,7 +906,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
             "reset_only",
         )?);
         ensure!(
-            vip_totals(&dp)?.packets == before.packets,
+            vip_totals((&dp, &state))?.packets == before.packets,
             "reset_only: the load balancer ran (the jump slot was not switched)"
         );
         let last = |v: &Vec<f64>| v[v.len() - 1];
@@ -1431,7 +1442,7 @@ fn veth_window(
     frame: &[u8],
     seconds: f64,
     counts: &PerCpuArray<MapData, u64>,
-    dp: Option<&Dataplane>,
+    lb: Option<(&Dataplane, &State)>,
 ) -> Result<VethSample> {
     let stop = AtomicBool::new(false);
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
@@ -1468,7 +1479,7 @@ fn veth_window(
                 "the generator stopped during warm-up"
             );
             let read = || -> Result<(u64, u64, Option<u64>, Instant)> {
-                let processed = dp.map(vip_totals).transpose()?.map(|c| c.packets);
+                let processed = lb.map(vip_totals).transpose()?.map(|c| c.packets);
                 Ok((
                     per_cpu_sum(counts, bench::COUNT_GEN)?,
                     per_cpu_sum(counts, bench::COUNT_SINK)?,
@@ -1571,7 +1582,7 @@ vips:
         mac_text(gen_mac)
     );
     let mut resolver = FixedResolver(vec![lb_if.clone()]);
-    let (mut dp, _state) = load_lb(&yaml, &mut resolver)?;
+    let (mut dp, state) = load_lb(&yaml, &mut resolver)?;
     // The veth benchmark does not use the helper flow table.
     // The flow-table floors are not run here: the smallest valid table.
     let mut obj = BenchObject::load(FLOW_WAYS)?;
@@ -1595,7 +1606,13 @@ vips:
             .program_mut()
             .attach(VETH_LB, XdpMode::Driver)
             .context("attaching xlb_lb to blb (native)")?;
-        let sample = veth_window(obj.program(bench::GEN), &frame, seconds, &counts, Some(&dp));
+        let sample = veth_window(
+            obj.program(bench::GEN),
+            &frame,
+            seconds,
+            &counts,
+            Some((&dp, &state)),
+        );
         dp.program_mut().detach(link).context("detaching xlb_lb")?;
         let sample = sample?;
         ensure!(
