@@ -20,13 +20,14 @@ pub mod maps {
     pub const FLOWS: &str = "XLB_FLOWS";
     pub const TX_PORTS: &str = "XLB_TX_PORTS";
     /// Written by the daemon only: per VIP id, what the VIP's former
-    /// backends counted (their packets, bytes and new flows at the moment
-    /// they left it). The datapath counts a packet on its backend alone;
-    /// a VIP's counters are this plus its backends' (`State::vip_counters`).
+    /// backends counted (their `Counters` as they left it). The datapath
+    /// counts a packet on its backend alone; a VIP's counters are this
+    /// plus its backends' (`State::vip_counters`).
     pub const VIP_RETIRED: &str = "XLB_VIP_RETIRED";
-    /// The per-CPU VIP counters of daemons before `VIP_RETIRED`: a start
-    /// that finds this pin and no `VIP_RETIRED` one turns it into that map
-    /// (`Dataplane::load`) and removes it.
+    /// The per-CPU VIP counters of builds before `VIP_RETIRED`, which
+    /// counted every packet on its VIP too: a start that finds this pin
+    /// rewrites `VIP_RETIRED` from it (`Dataplane::convert_vip_stats`) and
+    /// removes it once every link runs the new program.
     pub const LEGACY_VIP_STATS: &str = "XLB_VIP_STATS";
     pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
     pub const REASON_STATS: &str = "XLB_REASON_STATS";
@@ -227,9 +228,8 @@ pub struct Backend {
     pub flags: u32,
     /// The VIP this backend serves, and its address (network order, IPv4 in
     /// word 0): unused by the datapath, they let a restarted daemon adopt
-    /// the table and keep every id and generation (and the daemon and a
-    /// start that converts `LEGACY_VIP_STATS` sum the VIP's counters over
-    /// its backends with it).
+    /// the table and keep every id and generation (and a start that
+    /// converts `maps::LEGACY_VIP_STATS` finds a VIP's backends by it).
     pub vip_id: u32,
     pub addr: [u32; 4],
     pub family: u8,

@@ -169,6 +169,9 @@ pub struct Dataplane {
     /// A pinned flow table of the older layout found by `load`, until
     /// `finish_migration`.
     legacy: Option<Legacy>,
+    /// The pin of older per-CPU VIP counters `load` converted, which
+    /// `finish_migration` removes.
+    legacy_vip_stats: Option<PathBuf>,
     tx_ports: DevMap<MapData>,
     vip_retired: Array<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -246,12 +249,18 @@ impl Dataplane {
         if let Some(l) = moved {
             rename_pin(&l.moved_from, &l.pin)?;
         }
-        match Self::load_object(loader, settings, buckets, pin_dir, adopted, legacy.as_ref()) {
+        match Self::load_object(
+            loader,
+            settings,
+            buckets,
+            pin_dir,
+            adopted,
+            legacy.as_ref(),
+            legacy_vip_stats.as_deref(),
+        ) {
             Ok(mut dp) => {
                 dp.legacy = legacy;
-                if let Some(path) = legacy_vip_stats {
-                    dp.convert_vip_stats(&path)?;
-                }
+                dp.legacy_vip_stats = legacy_vip_stats;
                 Ok(dp)
             }
             Err(e) => {
@@ -268,7 +277,8 @@ impl Dataplane {
     }
 
     /// The part of `load` from the loader on: loads and verifies the
-    /// program, takes the maps, and copies an older table's flows.
+    /// program, takes the maps, copies an older table's flows and converts
+    /// older VIP counters (`convert_vip_stats`).
     fn load_object(
         mut loader: EbpfLoader<'_>,
         settings: DatapathSettings,
@@ -276,6 +286,7 @@ impl Dataplane {
         pin_dir: Option<&Path>,
         adopted: bool,
         legacy: Option<&Legacy>,
+        legacy_vip_stats: Option<&Path>,
     ) -> Result<Self, DataplaneError> {
         let mut ebpf = loader.load(OBJECT)?;
         let program: &mut Xdp = ebpf
@@ -304,6 +315,7 @@ impl Dataplane {
             rings: take_map!(ebpf, maps::RINGS),
             flows: FlowTable::new(take_map!(ebpf, maps::FLOWS), buckets)?,
             legacy: None,
+            legacy_vip_stats: None,
             tx_ports: take_map!(ebpf, maps::TX_PORTS),
             vip_retired: take_map!(ebpf, maps::VIP_RETIRED),
             backend_stats: take_map!(ebpf, maps::BACKEND_STATS),
@@ -314,6 +326,9 @@ impl Dataplane {
             ebpf,
         };
         dp.sync_vip_index()?;
+        if let Some(path) = legacy_vip_stats {
+            dp.convert_vip_stats(path)?;
+        }
         if let Some(l) = legacy {
             let flows = l.table.flows();
             let (copied, full) = if l.stage == Stage::Fresh {
@@ -407,8 +422,18 @@ impl Dataplane {
     /// (`LegacyTable`), once every link runs this program: copies the flows
     /// the older program made since `load` copied the table (those this
     /// program has not made itself meanwhile), then removes the older
-    /// table's pin. `None` if there was nothing to migrate.
+    /// table's pin. `None` if there was nothing to migrate. Also removes
+    /// the pin of older VIP counters `load` converted.
     pub fn finish_migration(&mut self) -> Result<Option<Migration>, DataplaneError> {
+        // Older VIP counters `load` converted: nothing but the older
+        // program counted them, which runs no more.
+        if let Some(path) = self.legacy_vip_stats.take() {
+            remove_pin(&path)?;
+            tracing::info!(
+                "removed {}: VIP counters are their backends' sums now",
+                path.display()
+            );
+        }
         let Some(l) = self.legacy.take() else {
             return Ok(None);
         };
@@ -856,28 +881,31 @@ impl Dataplane {
 
     /// Turns an older daemon's per-CPU VIP counters (`maps::LEGACY_VIP_STATS`
     /// at `path`, where its datapath counted every packet on the VIP as well
-    /// as on the backend) into `maps::VIP_RETIRED`, then removes that pin.
-    /// What a VIP counted less what its backends hold now is what its
-    /// former backends counted: each packet of the older program adds the
-    /// same to both, so the difference does not depend on when it is read,
-    /// and this load's program, which counts on backends only, is not
-    /// attached yet. (A start that failed after the loader pinned an empty
-    /// `VIP_RETIRED` left the older pin: the next one converts it.)
+    /// as on the backend) into `maps::VIP_RETIRED`, for every VIP id (over
+    /// what a start before may have written: a start that fails before
+    /// `finish_migration` removes the pin leaves it to the next one, and
+    /// the older build, if it comes back meanwhile, counts on in it).
+    /// What a VIP counted less what its backends hold is what its former
+    /// backends counted. Each packet of the older program adds the same to
+    /// both, and this load's program, which counts on backends only, is
+    /// not attached yet: read in that order, the difference misses at most
+    /// the packets counted between the two reads, and never counts one
+    /// twice.
     fn convert_vip_stats(&mut self, path: &Path) -> Result<(), DataplaneError> {
         let map = MapData::from_pin(path).map_err(|source| opening_error(path, source))?;
         let legacy: PerCpuArray<MapData, Counters> = aya::maps::Map::PerCpuArray(map)
             .try_into()
             .map_err(map_err(format!("opening {}", path.display())))?;
         let vips = self.settings.max_vips;
-        let mut on_backends = vec![Counters::default(); vips as usize];
+        let mut backends_of = vec![Vec::new(); vips as usize];
         for id in 0..MAX_BACKENDS {
             let entry = self.backend(id)?;
             if entry.generation != 0 && entry.vip_id < vips {
-                on_backends[entry.vip_id as usize].add(&self.backend_counters(id)?);
+                backends_of[entry.vip_id as usize].push(id);
             }
         }
-        let mut converted = 0;
-        for (id, on_backends) in (0..vips).zip(&on_backends) {
+        let mut with_former = 0;
+        for (id, backends) in (0..vips).zip(&backends_of) {
             let counted = legacy
                 .get(&id, 0)
                 .map(|v| Self::sum(&v))
@@ -885,19 +913,17 @@ impl Dataplane {
                     "reading VIP {id} counters at {}",
                     path.display()
                 )))?;
-            if counted != Counters::default() {
-                self.set_vip_retired(id, &counted.saturating_sub(on_backends))?;
-                converted += 1;
+            let mut on_backends = Counters::default();
+            for &b in backends {
+                on_backends.add(&self.backend_counters(b)?);
             }
+            let retired = counted.saturating_sub(&on_backends);
+            with_former += usize::from(retired != Counters::default());
+            self.set_vip_retired(id, &retired)?;
         }
-        drop(legacy);
-        std::fs::remove_file(path).map_err(|source| DataplaneError::Pin {
-            context: format!("removing {} after converting it", path.display()),
-            source,
-        })?;
         tracing::info!(
-            "converted the per-VIP counters of {converted} VIPs from {} (VIP counters are \
-             their backends' sums now)",
+            "converted the per-VIP counters at {} ({with_former} VIP ids with counts beyond \
+             their backends'); the pin goes once every link runs this program",
             path.display()
         );
         Ok(())

@@ -11,7 +11,9 @@
 //!    VIP entry to it in one map update;
 //! 4. mark backends that went down (their flows are now rescheduled on the
 //!    new rings, which no longer contain them);
-//! 5. remove VIPs that are gone, then clear backend slots no ring uses.
+//! 5. remove VIPs that are gone, then clear backend slots no ring uses
+//!    (what a cleared backend counted goes to its VIP's retired counters,
+//!    if the VIP stays: `vip_counters`).
 //!
 //! Ids are stable across applies and across daemon restarts (adoption): a
 //! VIP (address, port, protocol) and a backend (VIP, address) keep their
@@ -606,11 +608,16 @@ impl State {
         }
         for (k, slot) in &self.backends {
             if !new_backends.contains_key(k) {
+                // The VIP keeps what the backend counted, read after the
+                // entry is gone (the datapath counts nothing more on it but
+                // packets already past their lookup). Only if this apply
+                // cleared the entry: one that failed after clearing it (the
+                // backend is still in `self`, and the VIP counts it twice
+                // until an apply succeeds) added it already. A crash
+                // between the two writes loses its counts from the VIP's.
+                let cleared_here = dp.backend(slot.id)?.generation != 0;
                 dp.set_backend(slot.id, &Backend::default())?;
-                // The VIP keeps what the backend counted (read after the
-                // entry is gone, so the datapath counts nothing more on
-                // it but packets already past their lookup).
-                if let Some(vip) = new_vips.get(&k.0) {
+                if let (true, Some(vip)) = (cleared_here, new_vips.get(&k.0)) {
                     dp.add_vip_retired(vip.info.id, &dp.backend_counters(slot.id)?)?;
                 }
                 free_backend_ids.push(slot.id);

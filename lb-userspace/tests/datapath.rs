@@ -1709,50 +1709,100 @@ fn a_start_turns_older_per_vip_counters_into_its_own() {
     // VIP, what it counted beyond the VIP's backends now: what its former
     // backends counted.
     let (mut h, _pins, dir, mut resolver) = pinned_harness("vipstats");
-    let cfg = h.cfg.clone();
     for p in 57000..57030u16 {
         h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
     }
     h.run(&tcp4_flags(VIP4, 57000, 80, TCP_SYN));
-    let former = Counters {
+    h.run(&frame(
+        0x0800,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, 64, &[], &udp(57000, 53, b"q")),
+    ));
+    let three_now = h.vip_counters("three");
+    assert_eq!(three_now.packets, 30);
+    // 10.200.0.13 leaves; its id stays free, its counters in the map.
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    assert!(h.dp.backend_counters(b3).expect("counters").packets > 0);
+    let mut cfg = h.cfg.clone();
+    vip_mut(&mut cfg, "three")
+        .backends
+        .retain(|b| b.address.to_string() != "10.200.0.13");
+    h.state
+        .apply(&mut h.dp, &cfg, &mut resolver)
+        .expect("apply");
+    h.cfg = cfg.clone();
+    assert_eq!(h.vip_counters("three"), three_now);
+    // What the older daemon counted: the same, and what backends removed
+    // before counted.
+    let mut three_counted = three_now;
+    three_counted.add(&Counters {
         packets: 1000,
         bytes: 64_000,
         new_flows: 10,
-        closed_flows: 7,
-    };
-    let mut three_counted = h.vip_counters("three");
-    assert_eq!(three_counted.packets, 30);
-    three_counted.add(&former);
-    let (three, single) = (h.vip_id("three"), h.vip_id("single-tcp"));
+        closed_flows: 0,
+    });
+    // single-tcp has id 0, which cleared backend entries name too (the
+    // removed one's counters are not its): 5 packets of former backends.
+    let (three, single, udp) = (
+        h.vip_id("three"),
+        h.vip_id("single-tcp"),
+        h.vip_id("single-udp"),
+    );
+    assert_eq!(single, 0);
     let single_now = h.vip_counters("single-tcp");
     assert_eq!(single_now.packets, 1);
+    let mut single_counted = single_now;
+    single_counted.add(&Counters {
+        packets: 5,
+        bytes: 500,
+        new_flows: 5,
+        closed_flows: 0,
+    });
+    // single-udp's count is below its backend's (a count the older daemon
+    // reset): nothing retired, not a negative.
+    let udp_now = h.vip_counters("single-udp");
+    assert_eq!(udp_now.packets, 1);
+    let udp_counted = Counters {
+        bytes: 1,
+        ..udp_now
+    };
 
     // The pins as an older daemon left them: its VIP counters, no retired
-    // ones. single-tcp's count is below its backend's (a count the older
-    // daemon reset): nothing retired, not a negative.
+    // ones.
     std::fs::remove_file(dir.join(maps::VIP_RETIRED)).expect("unpin");
     let legacy = dir.join(maps::LEGACY_VIP_STATS);
-    let single_counted = Counters {
-        bytes: 1,
-        ..single_now
-    };
     xdplb::dataplane::pin_legacy_vip_stats(
         &legacy,
         cfg.datapath.max_vips,
-        &[(three, three_counted), (single, single_counted)],
+        &[
+            (three, three_counted),
+            (single, single_counted),
+            (udp, udp_counted),
+        ],
     )
     .expect("older VIP counters");
 
-    for start in ["first", "second"] {
+    // A start that stops before its links run the new program leaves the
+    // older pin, and the next converts it again; the pin goes once the
+    // links run the new program (`finish_migration`), and the counters
+    // stay.
+    for (start, finishes) in [("first", false), ("second", true), ("third", false)] {
         h.dp = Dataplane::load(cfg.datapath, Some(&dir)).expect("adopt");
-        assert!(!legacy.exists(), "{start} start: the older pin is gone");
         h.state = State::default();
         h.state.adopt(&h.dp).expect("adopt state");
         h.state
             .apply(&mut h.dp, &cfg, &mut resolver)
             .expect("apply");
+        if finishes {
+            h.dp.finish_migration().expect("finish");
+        }
+        assert_eq!(legacy.exists(), start == "first", "{start} start");
         assert_eq!(h.vip_counters("three"), three_counted, "{start} start");
-        assert_eq!(h.vip_counters("single-tcp"), single_now, "{start} start");
+        assert_eq!(
+            h.vip_counters("single-tcp"),
+            single_counted,
+            "{start} start"
+        );
+        assert_eq!(h.vip_counters("single-udp"), udp_now, "{start} start");
     }
     h.dp.unpin().expect("unpin");
     assert!(!dir.exists(), "pins removed");
