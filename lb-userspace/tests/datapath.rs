@@ -1296,6 +1296,39 @@ fn a_vip_keeps_what_its_removed_backends_counted() {
     assert_eq!(h.vip_counters("other"), Counters::default());
 }
 
+#[test]
+fn a_retried_apply_does_not_add_a_removed_backend_twice() {
+    // An apply that failed after it cleared a removed backend's entry and
+    // added its counters to the VIP's leaves the backend in the daemon's
+    // state: the retry must not add them again.
+    let mut h = Harness::new();
+    for p in 58000..58030u16 {
+        h.run(&tcp4_flags(VIP4_THREE, p, 80, TCP_SYN));
+    }
+    let before = h.vip_counters("three");
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let on_b3 = h.dp.backend_counters(b3).expect("counters");
+    assert!(
+        on_b3.packets > 0,
+        "the ring sent none of 30 flows to 10.200.0.13"
+    );
+    // What the failed apply wrote before it failed.
+    h.dp.set_backend(b3, &lb_common::Backend::default())
+        .expect("clear");
+    h.dp.add_vip_retired(h.vip_id("three"), &on_b3)
+        .expect("retire");
+    // The retry.
+    let mut cfg = h.cfg.clone();
+    vip_mut(&mut cfg, "three")
+        .backends
+        .retain(|b| b.address.to_string() != "10.200.0.13");
+    h.state
+        .apply(&mut h.dp, &cfg, &mut h.resolver)
+        .expect("apply");
+    h.cfg = cfg;
+    assert_eq!(h.vip_counters("three"), before);
+}
+
 // --------------------------------------------- connection accounting, state
 
 const TCP_FIN: u8 = 0x01;
