@@ -367,6 +367,19 @@ impl Harness {
             .unwrap_or_else(|| panic!("no VIP named {name}"))
     }
 
+    /// Applies the configuration without the backend `address` of VIP
+    /// `vip`.
+    fn remove_backend(&mut self, vip: &str, address: &str) {
+        let mut cfg = self.cfg.clone();
+        vip_mut(&mut cfg, vip)
+            .backends
+            .retain(|b| b.address.to_string() != address);
+        self.state
+            .apply(&mut self.dp, &cfg, &mut self.resolver)
+            .expect("apply");
+        self.cfg = cfg;
+    }
+
     /// (id, generation) of a VIP's backend.
     fn backend(&self, vip: &str, address: &str) -> (u32, u32) {
         let addr: IpAddr = address.parse().expect("address");
@@ -1193,19 +1206,7 @@ fn removed_backend_flows_are_rescheduled_not_blackholed() {
         let (_, out) = h.run(&tcp4(VIP4_THREE, p, 80));
         assert_eq!(out[0..6], B3_MAC);
     }
-    let mut cfg = h.cfg.clone();
-    let three = cfg
-        .vips
-        .iter_mut()
-        .find(|v| v.name.as_deref() == Some("three"))
-        .expect("vip");
-    three
-        .backends
-        .retain(|b| b.address.to_string() != "10.200.0.13");
-    h.state
-        .apply(&mut h.dp, &cfg, &mut h.resolver)
-        .expect("apply");
-    h.cfg = cfg;
+    h.remove_backend("three", "10.200.0.13");
     for &p in &on_b3 {
         let flow = flow4(CLIENT4, VIP4_THREE, p, 80, PROTO_TCP);
         let dst = h.mac_of("three", h.reference_backend("three", &flow));
@@ -1250,15 +1251,9 @@ fn a_vip_keeps_what_its_removed_backends_counted() {
     );
 
     // 10.200.0.13 leaves the VIP, then a new backend takes its id.
-    let mut cfg = h.cfg.clone();
-    vip_mut(&mut cfg, "three")
-        .backends
-        .retain(|b| b.address.to_string() != "10.200.0.13");
-    h.state
-        .apply(&mut h.dp, &cfg, &mut h.resolver)
-        .expect("apply");
-    h.cfg = cfg.clone();
+    h.remove_backend("three", "10.200.0.13");
     assert_eq!(h.vip_counters("three"), before, "after removing a backend");
+    let mut cfg = h.cfg.clone();
     let three = vip_mut(&mut cfg, "three");
     let mut extra = three.backends[0].clone();
     extra.address = "10.200.0.14".parse().expect("address");
@@ -1318,14 +1313,7 @@ fn a_retried_apply_does_not_add_a_removed_backend_twice() {
     h.dp.add_vip_retired(h.vip_id("three"), &on_b3)
         .expect("retire");
     // The retry.
-    let mut cfg = h.cfg.clone();
-    vip_mut(&mut cfg, "three")
-        .backends
-        .retain(|b| b.address.to_string() != "10.200.0.13");
-    h.state
-        .apply(&mut h.dp, &cfg, &mut h.resolver)
-        .expect("apply");
-    h.cfg = cfg;
+    h.remove_backend("three", "10.200.0.13");
     assert_eq!(h.vip_counters("three"), before);
 }
 
@@ -1755,14 +1743,8 @@ fn a_start_turns_older_per_vip_counters_into_its_own() {
     // 10.200.0.13 leaves; its id stays free, its counters in the map.
     let (b3, _) = h.backend("three", "10.200.0.13");
     assert!(h.dp.backend_counters(b3).expect("counters").packets > 0);
-    let mut cfg = h.cfg.clone();
-    vip_mut(&mut cfg, "three")
-        .backends
-        .retain(|b| b.address.to_string() != "10.200.0.13");
-    h.state
-        .apply(&mut h.dp, &cfg, &mut resolver)
-        .expect("apply");
-    h.cfg = cfg.clone();
+    h.remove_backend("three", "10.200.0.13");
+    let cfg = h.cfg.clone();
     assert_eq!(h.vip_counters("three"), three_now);
     // What the older daemon counted: the same, and what backends removed
     // before counted.
