@@ -985,7 +985,7 @@ pub fn pin_legacy_vip_stats(
     max_vips: u32,
     counters: &[(u32, Counters)],
 ) -> std::io::Result<()> {
-    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    use std::os::fd::{AsFd as _, AsRawFd as _};
     let value_size = size_of::<Counters>();
     // BPF_MAP_CREATE (0): map_type PERCPU_ARRAY (6), key 4, value size,
     // max entries; the rest of the attribute 0.
@@ -1007,14 +1007,7 @@ pub fn pin_legacy_vip_stats(
         // buffers: the key, and a value for each possible CPU.
         unsafe { crate::flows::bpf(2, update.as_ptr().cast()) }?;
     }
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    // BPF_OBJ_PIN (6): pathname, bpf_fd.
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd.as_raw_fd() as u64;
-    // SAFETY: a zero-padded bpf_attr of 128 bytes; the path lives.
-    unsafe { crate::flows::bpf(6, pin.as_ptr().cast()) }?;
-    Ok(())
+    crate::flows::bpf_pin(fd.as_fd(), path)
 }
 
 fn opening_error(path: &Path, source: MapError) -> DataplaneError {

@@ -528,6 +528,22 @@ pub(crate) unsafe fn bpf_fd(
     }
 }
 
+/// Pins the BPF object `fd` at `path` (BPF_OBJ_PIN).
+pub(crate) fn bpf_pin(
+    fd: std::os::fd::BorrowedFd<'_>,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // BPF_OBJ_PIN (6): pathname, bpf_fd.
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd.as_raw_fd() as u64;
+    // SAFETY: a zero-padded bpf_attr of 128 bytes; the path lives.
+    unsafe { bpf(6, pin.as_ptr().cast()) }?;
+    Ok(())
+}
+
 impl LegacyFixture {
     /// Creates the table (`buckets` entries of `LEGACY_BUCKET_BYTES`),
     /// writes `flows` at their (bucket, way) and pins it at `path`.
@@ -536,7 +552,6 @@ impl LegacyFixture {
         buckets: u32,
         flows: &[((u32, u32), FlowKey, FlowValue)],
     ) -> std::io::Result<Self> {
-        use std::os::unix::ffi::OsStrExt as _;
         // BPF_MAP_CREATE (0): map_type ARRAY (2), key 4, value size, max
         // entries, map_flags BPF_F_MMAPABLE; the rest of the attribute 0.
         let mut attr = [0u32; 32];
@@ -553,13 +568,7 @@ impl LegacyFixture {
         for &(at, key, value) in flows {
             fixture.write(at, &key, &value);
         }
-        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // BPF_OBJ_PIN (6): pathname, bpf_fd.
-        let mut pin = [0u64; 16];
-        pin[0] = c_path.as_ptr() as u64;
-        pin[1] = fixture.fd.as_raw_fd() as u64;
-        // SAFETY: a zero-padded bpf_attr of 128 bytes; the path lives.
-        unsafe { bpf(6, pin.as_ptr().cast()) }?;
+        bpf_pin(fixture.fd.as_fd(), path)?;
         Ok(fixture)
     }
 
