@@ -840,10 +840,18 @@ impl State {
             .iter()
             .map(|vip| {
                 let key = vip_key(vip);
-                let c = self.vip_counters(dp, &key)?;
                 let label = vip.label();
                 let mine: Vec<&api::BackendStatus> =
                     backends.iter().filter(|b| b.vip == label).collect();
+                // `vip_counters`, from the backend rows already read: the
+                // VIP's total and its rows come from one read of each
+                // backend's counters.
+                let mut c = dp.vip_retired(self.vips[&key].info.id)?;
+                for b in &mine {
+                    c.packets += b.packets;
+                    c.bytes += b.bytes;
+                    c.new_flows += b.new_flows;
+                }
                 Ok(api::VipStatus {
                     vip: label.clone(),
                     name: vip.name.clone(),

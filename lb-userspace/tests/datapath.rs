@@ -1253,6 +1253,17 @@ fn a_vip_keeps_what_its_removed_backends_counted() {
     // 10.200.0.13 leaves the VIP, then a new backend takes its id.
     h.remove_backend("three", "10.200.0.13");
     assert_eq!(h.vip_counters("three"), before, "after removing a backend");
+    // The status the CLI, the API and the metrics show says the same.
+    let rows = h.state.backend_statuses(&h.dp, None).expect("backends");
+    let status = h.state.vip_statuses(&h.dp, &rows).expect("VIPs");
+    let three = status
+        .iter()
+        .find(|v| v.name.as_deref() == Some("three"))
+        .expect("VIP three");
+    assert_eq!(
+        (three.packets, three.bytes, three.new_flows),
+        (before.packets, before.bytes, before.new_flows)
+    );
     let mut cfg = h.cfg.clone();
     let three = vip_mut(&mut cfg, "three");
     let mut extra = three.backends[0].clone();
