@@ -943,18 +943,16 @@ impl Dataplane {
         vip_id: Option<u32>,
         backend_id: Option<u32>,
     ) -> Result<(), DataplaneError> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
-        let zeros = || {
-            PerCpuValues::try_from(vec![Counters::default(); cpus])
-                .map_err(|e| DataplaneError::Cpus(e.to_string()))
-        };
         if let Some(id) = vip_id {
             self.set_vip_retired(id, &Counters::default())?;
         }
         if let Some(id) = backend_id {
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
+            let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+                .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
             self.backend_stats
-                .set(id, zeros()?, 0)
+                .set(id, zeros, 0)
                 .map_err(map_err(format!("zeroing backend {id} counters")))?;
             self.set_backend_expired(id, 0)?;
         }
