@@ -197,8 +197,10 @@ enum Command {
     /// backends into each, then times them in alternation, each round
     /// starting with another: (a) established TCP, (b) a new flow behind
     /// the reset step (net of it), (c) not a VIP. Prints per object the
-    /// medians and the median of its paired differences with the first.
-    /// Give one object twice to see the resolution.
+    /// medians, the median of its paired differences with the first, and
+    /// its program's size (the instructions the verifier walked to accept
+    /// it, which a faster build must not push towards the kernel's limit of
+    /// one million). Give one object twice to see the resolution.
     Ab {
         /// Rounds.
         #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..))]
@@ -584,6 +586,19 @@ fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64> {
 
 // ---------------------------------------------------------------- kernel
 
+/// The program as the kernel holds it: its size after the verifier's
+/// rewrites (what `bpftool prog dump xlated` lists; 8 bytes per
+/// instruction, a 64-bit immediate load takes two), JIT-compiled, and the
+/// instructions the verifier walked to accept it.
+fn program_size(program: &Xdp) -> Result<Value> {
+    let info = program.info().context("xlb_lb program info")?;
+    Ok(json!({
+        "xlated_insns": info.size_translated().map(|b| b / 8),
+        "jited_bytes": info.size_jitted(),
+        "verifier_insns_processed": info.verified_instruction_count(),
+    }))
+}
+
 /// One test run of `repeat` repetitions: the kernel's average per
 /// repetition, in (integer) ns. It excludes the fixed cost of the call
 /// (here ~15 ms: the kernel swaps its XDP dispatcher around each run), so
@@ -752,15 +767,7 @@ fn kernel(repeat: u32, runs: u32) -> Result<Value> {
         .context("xlb_lb fd (cached table)")?
         .try_clone()?;
     let slots = slots_for(table_size);
-    // The program as the kernel holds it: after the verifier's rewrites
-    // (what `bpftool prog dump xlated` lists; 8 bytes per instruction, a
-    // 64-bit immediate load takes two) and JIT-compiled.
-    let info = dp.program_mut().info().context("xlb_lb program info")?;
-    let program = json!({
-        "xlated_insns": info.size_translated().map(|b| b / 8),
-        "jited_bytes": info.size_jitted(),
-        "verifier_insns_processed": info.verified_instruction_count(),
-    });
+    let program = program_size(dp.program_mut())?;
 
     let established = tcp_frame(VIP4, 40000, 80, TCP_ACK);
     let new_flow = tcp_frame(VIP4, 40001, 80, TCP_SYN);
@@ -1216,15 +1223,21 @@ fn ab(
             let diffs: Vec<f64> = runs[i].iter().zip(&runs[0]).map(|(x, y)| x - y).collect();
             json!({"median": median(&runs[i]), "paired_difference": median(&diffs), "ns_per_packet": runs[i]})
         };
+        let program: &Xdp = lbs[i]
+            .program(programs::LB)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load");
         let row = json!({
             "object": objects[i].display().to_string(),
+            "program": program_size(program)?,
             "established_tcp": case(&a),
             "new_flow_net": case(&b),
             "non_vip_pass": case(&c),
         });
         let f = |case: &str, what: &str| row[case][what].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "  {:<40} (a) {:6.1} ({:+6.1})  (b) {:6.1} ({:+6.1})  (c) {:6.1} ({:+6.1})",
+            "  {:<40} (a) {:6.1} ({:+6.1})  (b) {:6.1} ({:+6.1})  (c) {:6.1} ({:+6.1})  \
+             verifier walked {}",
             objects[i].display(),
             f("established_tcp", "median"),
             f("established_tcp", "paired_difference"),
@@ -1232,6 +1245,7 @@ fn ab(
             f("new_flow_net", "paired_difference"),
             f("non_vip_pass", "median"),
             f("non_vip_pass", "paired_difference"),
+            row["program"]["verifier_insns_processed"],
         );
         rows.push(row);
     }
