@@ -344,6 +344,19 @@ impl Daemon {
                 migration_pin.unwrap_or_default().display()
             ),
         }
+        // Links an earlier daemon pinned on interfaces this configuration
+        // no longer names: their older program would keep running there.
+        match dp.remove_stale_links() {
+            Ok(stale) => {
+                for name in stale {
+                    tracing::info!(
+                        "detached from {name}: its XDP link was pinned by an earlier daemon, \
+                         and the configuration no longer names it"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("removing the links of interfaces no longer configured: {e}"),
+        }
         let actual = attached_mode(&cfg.interface, how, mode);
         let mut attached = vec![(cfg.interface.clone(), actual)];
         attached.extend(egress);
@@ -438,6 +451,7 @@ impl Daemon {
         let summary = match applied {
             Ok((summary, made)) => {
                 self.attached.extend(made);
+                self.release_unused(&cfg);
                 summary
             }
             Err(f) => {
@@ -456,6 +470,32 @@ impl Daemon {
         self.running = cfg;
         self.sync_checks();
         Ok(summary)
+    }
+
+    /// Detaches from the egress interfaces `cfg` no longer names (no
+    /// backend is behind them any more), after it is applied: nothing
+    /// sends traffic there now. One that fails to detach stays attached
+    /// (and listed), and goes at the stop.
+    fn release_unused(&mut self, cfg: &Config) {
+        let wanted: Vec<&str> = std::iter::once(cfg.interface.as_str())
+            .chain(cfg.egress_interfaces())
+            .collect();
+        let dp = &mut self.dp;
+        self.attached.retain(|(name, _)| {
+            if wanted.contains(&name.as_str()) {
+                return true;
+            }
+            match dp.release(name) {
+                Ok(()) => {
+                    tracing::info!("detached from {name}: no backend is behind it any more");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!("detaching from {name}, which no backend is behind: {e}");
+                    true
+                }
+            }
+        });
     }
 
     /// A runtime change: edit the running configuration as the file would,

@@ -155,6 +155,9 @@ pub struct Dataplane {
     /// Links `attach` made in this process (not taken over), by interface:
     /// the ones `detach` can take back.
     made: std::collections::HashMap<String, MadeLink>,
+    /// Links `attach` took over from a pin, by interface: the pin and the
+    /// program's handle on the link, for `release`.
+    taken_over: std::collections::HashMap<String, (PathBuf, XdpLinkId)>,
     backend_expired: Array<MapData, u64>,
     vip_filter: Array<MapData, u64>,
     clock: Array<MapData, u64>,
@@ -307,6 +310,7 @@ impl Dataplane {
             adopted,
             links: Vec::new(),
             made: std::collections::HashMap::new(),
+            taken_over: std::collections::HashMap::new(),
             vips: take_map!(ebpf, maps::VIPS),
             vip_index: take_map!(ebpf, maps::VIP_INDEX),
             vip_by_id: take_map!(ebpf, maps::VIP_BY_ID),
@@ -586,7 +590,7 @@ impl Dataplane {
         let link_path = self
             .pin_dir
             .as_ref()
-            .map(|dir| dir.join(format!("link-{interface}")));
+            .map(|dir| dir.join(format!("{LINK_PIN_PREFIX}{interface}")));
         if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
             let context = || format!("taking over the pinned XDP link {}", path.display());
             let pinned = PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
@@ -602,13 +606,15 @@ impl Dataplane {
                 })?;
             // The program takes ownership of the link; the pin keeps it
             // alive independently of this process.
-            self.program_mut()
-                .attach_to_link(link)
-                .map_err(|source| DataplaneError::Program {
+            let id = self.program_mut().attach_to_link(link).map_err(|source| {
+                DataplaneError::Program {
                     context: context(),
                     source,
-                })?;
+                }
+            })?;
             self.links.push(path.clone());
+            self.taken_over
+                .insert(interface.to_owned(), (path.clone(), id));
             return Ok(Attached::Replaced);
         }
         let program = self.program_mut();
@@ -682,6 +688,61 @@ impl Dataplane {
                     })
             }
         }
+    }
+
+    /// Detaches from `interface` whatever link this daemon runs there, made
+    /// or taken over, and removes its pin: an egress interface no backend
+    /// is behind any more. (`detach` takes back only links this process
+    /// made, for a refused change.)
+    pub fn release(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        let Some((path, id)) = self.taken_over.remove(interface) else {
+            return self.detach(interface);
+        };
+        // The pin and the program's handle were the link's references.
+        remove_pin(&path)?;
+        self.links.retain(|p| *p != path);
+        self.program_mut()
+            .detach(id)
+            .map_err(|source| DataplaneError::Program {
+                context: format!("detaching XDP from {interface}"),
+                source,
+            })
+    }
+
+    /// Removes the links pinned in the pin directory for interfaces this
+    /// daemon did not attach to (`attach`): an earlier daemon's, for an
+    /// interface the configuration no longer names (the VIP interface was
+    /// changed, or no backend is behind an egress interface any more).
+    /// Their program would otherwise keep running there, with these maps,
+    /// and no later stop would detach it. Removing a pin detaches once the
+    /// kernel frees the link. Returns the interfaces, by name.
+    pub fn remove_stale_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(Vec::new());
+        };
+        let listing = |source| DataplaneError::Pin {
+            context: format!("listing the pins in {}", dir.display()),
+            source,
+        };
+        let mut stale = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(listing)? {
+            let path = entry.map_err(listing)?.path();
+            let Some(interface) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(LINK_PIN_PREFIX))
+            else {
+                continue;
+            };
+            if !self.links.contains(&path) {
+                stale.push((interface.to_owned(), path));
+            }
+        }
+        stale.sort();
+        for (_, path) in &stale {
+            remove_pin(path)?;
+        }
+        Ok(stale.into_iter().map(|(name, _)| name).collect())
     }
 
     /// Adds or changes a VIP: its `XLB_VIPS` entry, then its entry by id,
@@ -1054,6 +1115,9 @@ pub struct Migration {
     /// filled them meanwhile): their next packet is scheduled anew.
     pub dropped: usize,
 }
+
+/// The pin of the XDP link on an interface is this prefix and its name.
+pub const LINK_PIN_PREFIX: &str = "link-";
 
 /// Where a migrating load moves the older flow table's pin (bpffs names
 /// take no dots).

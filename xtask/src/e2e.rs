@@ -952,7 +952,7 @@ pub fn run_all() -> Result<(usize, usize)> {
     }
 
     type Scenario = fn(&Ctx) -> Result<String>;
-    let singles: [(&str, Scenario); 12] = [
+    let singles: [(&str, Scenario); 13] = [
         ("affinity_client_ip", affinity_client_ip),
         ("sticky_while_backend_added", sticky_while_backend_added),
         ("reload_rejects_bad_config", reload_rejects_bad_config),
@@ -966,6 +966,10 @@ pub fn run_all() -> Result<(usize, usize)> {
             control::migrate_flow_table_under_traffic,
         ),
         ("bad_input_rejected", control::bad_input_rejected),
+        (
+            "links_follow_the_configuration",
+            control::links_follow_the_configuration,
+        ),
         ("runtime_change_not_lost", control::runtime_change_not_lost),
         ("metrics_endpoint", control::metrics_endpoint),
     ];

@@ -741,6 +741,160 @@ const NO_NATIVE_IF: &str = "xlb-nonative";
 const NATIVE_IF: &str = "xlb-native0";
 const NATIVE_PEER: &str = "xlb-native1";
 
+/// Creates the veth pair `NATIVE_IF`/`NATIVE_PEER` in the LB namespace:
+/// an interface with native XDP for backends behind another interface.
+fn add_native_veth() -> Result<()> {
+    util::run(&mut topology::exec_in(
+        topology::LB_NS,
+        &[
+            "ip",
+            "link",
+            "add",
+            NATIVE_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NATIVE_PEER,
+        ],
+    ))?;
+    Ok(())
+}
+
+/// Whether `interface` (in the LB namespace) has an XDP program, polled
+/// until it is `want` or `limit` passes: the kernel frees a link whose
+/// last reference went (its pin removed) a moment later.
+fn wait_xdp(interface: &str, want: bool, limit: Duration) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let link = util::run(&mut topology::exec_in(
+            topology::LB_NS,
+            &["ip", "-j", "link", "show", "dev", interface],
+        ))?;
+        let has = link.contains("\"xdp\"");
+        if has == want || Instant::now() >= deadline {
+            return Ok(has);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon attaches to what its configuration names and to nothing
+/// else: a reload that leaves no backend behind an egress interface
+/// detaches it, and a restart on pins whose configuration no longer names
+/// an interface removes the link an earlier daemon pinned there (which
+/// would otherwise run the older program on it, with no daemon ever to
+/// detach it). The VIP keeps answering throughout.
+pub(super) fn links_follow_the_configuration(ctx: &Ctx) -> Result<String> {
+    let spec = VipSpec::new(false, PORT, "tcp", &[(1, 1), (2, 1), (3, 1)]);
+    let target = spec.target();
+    let plain = super::config_yaml(std::slice::from_ref(&spec));
+    // Weight 0: in the configuration (so its interface is attached), never
+    // in the ring.
+    let with_egress = format!(
+        "{plain}      - address: \"10.200.0.98\"\n        mac: 02:00:00:00:00:98\n        \
+         weight: 0\n        interface: {NATIVE_IF}\n"
+    );
+    let path = ctx.config("links");
+    let write =
+        |yaml: &str| fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()));
+    let in_lb = |argv: &[&str]| util::run(&mut topology::exec_in(topology::LB_NS, argv));
+    add_native_veth()?;
+    let result = (|| -> Result<String> {
+        let (bpffs, opts) = restart_opts(ctx);
+        let pin = bpffs.join(format!("link-{NATIVE_IF}"));
+        write(&with_egress)?;
+        let first = ctx.start_daemon_with(&path, &opts)?;
+        ensure!(
+            wait_xdp(NATIVE_IF, true, Duration::ZERO)? && pin.exists(),
+            "the daemon did not attach to {NATIVE_IF}, an egress interface of its \
+             configuration (or did not pin the link at {})",
+            pin.display()
+        );
+
+        // A reload without the interface's backend detaches it, whether
+        // the daemon made its link or took it over from a pin; a reload
+        // with it attaches it again.
+        let reload_detaches = |daemon: &Daemon, link: &str| -> Result<()> {
+            write(&plain)?;
+            ctx.ctl.ok(&["reload"])?;
+            ensure!(
+                !wait_xdp(NATIVE_IF, false, Duration::from_secs(3))?,
+                "{NATIVE_IF} still has an XDP program 3 s after a reload left no backend \
+                 behind it (a link {link})"
+            );
+            ensure!(
+                !pin.exists(),
+                "{} is still pinned after the reload detached {NATIVE_IF} (a link {link})",
+                pin.display()
+            );
+            daemon
+                .find_log(|l| l.contains(&format!("detached from {NATIVE_IF}: no backend")))
+                .with_context(|| {
+                    format!(
+                        "the daemon does not say it detached from {NATIVE_IF} (a link \
+                         {link}):\n{}",
+                        daemon.log_tail()
+                    )
+                })?;
+            all_answered(&probe_short(&target, "tcp", 50)?)
+                .with_context(|| format!("after the reload (a link {link})"))?;
+            write(&with_egress)?;
+            ctx.ctl.ok(&["reload"])?;
+            ensure!(
+                wait_xdp(NATIVE_IF, true, Duration::from_secs(3))? && pin.exists(),
+                "a reload that put a backend behind {NATIVE_IF} again did not attach (and \
+                 pin) it"
+            );
+            Ok(())
+        };
+        reload_detaches(&first, "this daemon made")?;
+        // Killed: pins and links stay, and the next daemon takes them over.
+        first.kill()?;
+        // Not ctx.start_daemon_with: that would remove the pins.
+        let second = Daemon::start_with(&path, &opts)?;
+        reload_detaches(&second, "taken over from a pin")?;
+
+        // A restart on the pins without the interface in the configuration.
+        second.kill()?;
+        write(&plain)?;
+        let third = Daemon::start_with(&path, &opts)?;
+        let detached = wait_xdp(NATIVE_IF, false, Duration::from_secs(3));
+        let said = third.find_log(|l| {
+            l.contains(&format!(
+                "detached from {NATIVE_IF}: its XDP link was pinned"
+            ))
+        });
+        let answered = probe_short(&target, "tcp", 50);
+        let log = third.log_tail();
+        third.stop()?;
+        ensure!(
+            !detached?,
+            "{NATIVE_IF} still has an XDP program 3 s after a restart whose configuration no \
+             longer names it"
+        );
+        said.with_context(|| {
+            format!("the restarted daemon does not say it detached from {NATIVE_IF}:\n{log}")
+        })?;
+        all_answered(&answered?).context("after the restart")?;
+        ensure!(
+            !bpffs.exists(),
+            "{} still exists after the daemon stopped (a link pin left?)",
+            bpffs.display()
+        );
+        Ok(format!(
+            "{NATIVE_IF} detached by a reload that left no backend behind it (its link made \
+             by the daemon, then taken over by a restarted one), and by a restart on pins \
+             whose configuration no longer names it; the VIP answered throughout and the \
+             stop left no pin"
+        ))
+    })();
+    let deleted = in_lb(&["ip", "link", "del", NATIVE_IF]);
+    let summary = result?;
+    deleted?;
+    Ok(summary)
+}
+
 pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
     let spec = checked_vip(&[1, 2, 3]);
     let (path, daemon) = start(ctx, "bad-input", &spec)?;
@@ -811,17 +965,7 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
     ];
     let in_lb = |argv: &[&str]| util::run(&mut topology::exec_in(topology::LB_NS, argv));
     in_lb(&["ip", "link", "add", NO_NATIVE_IF, "type", "bridge"])?;
-    in_lb(&[
-        "ip",
-        "link",
-        "add",
-        NATIVE_IF,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        NATIVE_PEER,
-    ])?;
+    add_native_veth()?;
 
     let check_unchanged = |what: &str| -> Result<()> {
         let now = shape(&ctx.ctl.backends(&vip)?);
