@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/xdplb")]
         bpffs: PathBuf,
         /// Pin nothing: the datapath lives and dies with this process.
-        #[arg(long, conflicts_with = "persist")]
+        #[arg(long, conflicts_with_all = ["persist", "bpffs"])]
         no_pin: bool,
         /// On exit, leave the datapath pinned and attached (traffic keeps
         /// flowing; the next `xdplb run` adopts it). Without it, exit

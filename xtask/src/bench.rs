@@ -488,6 +488,7 @@ impl BenchDaemon {
             socket: Some(socket.clone()),
             bpffs: Some(BENCH_BPFFS.into()),
             metrics: Some("off".into()),
+            no_pin: false,
         };
         let argv = format!(
             "nsenter --net=/run/netns/{} -- {} run --config {} --exit-stats json --socket {} \

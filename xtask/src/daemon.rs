@@ -172,6 +172,9 @@ pub struct DaemonOptions {
     pub bpffs: Option<PathBuf>,
     /// `--metrics`: address (inside the LB namespace) or `off`.
     pub metrics: Option<String>,
+    /// `--no-pin` (and no `--bpffs`): the datapath lives and dies with the
+    /// process.
+    pub no_pin: bool,
 }
 
 /// A running `xdplb run` inside the LB namespace.
@@ -200,7 +203,9 @@ impl Daemon {
         if let Some(s) = &opts.socket {
             argv.extend(["--socket", s.to_str().context("socket path is not UTF-8")?]);
         }
-        if let Some(d) = &opts.bpffs {
+        if opts.no_pin {
+            argv.push("--no-pin");
+        } else if let Some(d) = &opts.bpffs {
             argv.extend(["--bpffs", d.to_str().context("bpffs path is not UTF-8")?]);
         }
         if let Some(m) = &opts.metrics {

@@ -914,6 +914,7 @@ pub fn run_all() -> Result<(usize, usize)> {
             socket: Some(socket),
             bpffs: Some(E2E_BPFFS.into()),
             metrics: Some("off".into()),
+            no_pin: false,
         },
     };
 
@@ -952,7 +953,7 @@ pub fn run_all() -> Result<(usize, usize)> {
     }
 
     type Scenario = fn(&Ctx) -> Result<String>;
-    let singles: [(&str, Scenario); 13] = [
+    let singles: [(&str, Scenario); 14] = [
         ("affinity_client_ip", affinity_client_ip),
         ("sticky_while_backend_added", sticky_while_backend_added),
         ("reload_rejects_bad_config", reload_rejects_bad_config),
@@ -969,6 +970,10 @@ pub fn run_all() -> Result<(usize, usize)> {
         (
             "links_follow_the_configuration",
             control::links_follow_the_configuration,
+        ),
+        (
+            "no_pin_lives_with_the_daemon",
+            control::no_pin_lives_with_the_daemon,
         ),
         ("runtime_change_not_lost", control::runtime_change_not_lost),
         ("metrics_endpoint", control::metrics_endpoint),

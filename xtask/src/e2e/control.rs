@@ -18,8 +18,8 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use super::{
-    all_answered, names, probe_short, write_config, Ctx, LongProbe, VipSpec, E2E_RESTART_BPFFS,
-    PORT,
+    all_answered, names, probe_short, write_config, Ctx, LongProbe, VipSpec, E2E_BPFFS,
+    E2E_RESTART_BPFFS, PORT,
 };
 use crate::{
     daemon::{BackendRow, CtlOutput, Daemon, DaemonOptions},
@@ -777,6 +777,54 @@ fn wait_xdp(interface: &str, want: bool, limit: Duration) -> Result<bool> {
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `--no-pin`: the datapath lives and dies with the daemon. It balances
+/// with nothing pinned, and its end detaches it, a stop as well as a
+/// SIGKILL (the kernel closes the link with the process's last file).
+pub(super) fn no_pin_lives_with_the_daemon(ctx: &Ctx) -> Result<String> {
+    let spec = VipSpec::new(false, PORT, "tcp", &[(1, 1), (2, 1), (3, 1)]);
+    let path = ctx.config("no-pin");
+    write_config(&path, std::slice::from_ref(&spec))?;
+    let opts = DaemonOptions {
+        no_pin: true,
+        ..ctx.opts.clone()
+    };
+    let pins = [Path::new(E2E_BPFFS), Path::new(E2E_RESTART_BPFFS)];
+    let mut ends = Vec::new();
+    for end in ["stopped", "killed"] {
+        let daemon = ctx.start_daemon_with(&path, &opts)?;
+        let attached = wait_xdp(topology::LB_IF, true, Duration::ZERO)?;
+        let pinned: Vec<_> = pins.iter().filter(|p| p.exists()).collect();
+        let report = probe_short(&spec.target(), "tcp", 100);
+        if end == "stopped" {
+            daemon.stop()?;
+        } else {
+            daemon.kill()?;
+        }
+        ensure!(
+            attached,
+            "the --no-pin daemon is not attached to {}",
+            topology::LB_IF
+        );
+        ensure!(
+            pinned.is_empty(),
+            "the --no-pin daemon pinned something: {pinned:?}"
+        );
+        let report = report?;
+        all_answered(&report).with_context(|| format!("through the --no-pin daemon ({end})"))?;
+        ensure!(
+            !wait_xdp(topology::LB_IF, false, Duration::from_secs(3))?,
+            "{} still has an XDP program 3 s after the --no-pin daemon was {end}",
+            topology::LB_IF
+        );
+        ends.push(format!("{end}: {}", names(&report)));
+    }
+    Ok(format!(
+        "100/100 answered with nothing pinned, and {} detached at the end, {}",
+        topology::LB_IF,
+        ends.join("; ")
+    ))
 }
 
 /// The daemon attaches to what its configuration names and to nothing
