@@ -235,6 +235,17 @@ enum Command {
         #[arg(long)]
         flow_table_size: u32,
     },
+    /// For tests of the conversion of per-VIP counters: pins per-CPU VIP
+    /// counters at PIN_DIR/XLB_VIP_STATS as a daemon of a build that
+    /// counted packets on VIPs too would have left them, with `packets`
+    /// packets (and 64 bytes each) for every VIP in PIN_DIR/XLB_VIPS.
+    #[command(hide = true)]
+    LegacyVipStats {
+        #[arg(long)]
+        pin_dir: std::path::PathBuf,
+        #[arg(long)]
+        packets: u64,
+    },
     /// Maglev table build time (65537 slots) for 10, 100 and 1000 backends,
     /// against allocating and filling the same table.
     Maglev {
@@ -271,6 +282,7 @@ fn main() -> ExitCode {
             pin_dir,
             flow_table_size,
         } => legacy_flow_table(&pin_dir, flow_table_size),
+        Command::LegacyVipStats { pin_dir, packets } => legacy_vip_stats(&pin_dir, packets),
         Command::Ab {
             rounds,
             repeat,
@@ -1062,6 +1074,40 @@ fn legacy_flow_table(dir: &Path, flow_table_size: u32) -> Result<Value> {
         flows.len()
     );
     Ok(json!({ "pin": path.display().to_string(), "flows": flows.len() }))
+}
+
+fn legacy_vip_stats(dir: &Path, packets: u64) -> Result<Value> {
+    require_root()?;
+    let vips_path = dir.join(maps::VIPS);
+    let map = MapData::from_pin(&vips_path)
+        .with_context(|| format!("opening {}", vips_path.display()))?;
+    let vips: aya::maps::HashMap<MapData, VipKey, VipInfo> = aya::maps::Map::HashMap(map)
+        .try_into()
+        .with_context(|| format!("{} is not this build's VIP table", vips_path.display()))?;
+    let ids: Vec<u32> = vips
+        .iter()
+        .map(|r| r.map(|(_, info)| info.id))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", vips_path.display()))?;
+    // As many VIP ids as the daemon's `max_vips`, which sized this map.
+    let retired = dir.join(maps::VIP_RETIRED);
+    let max_vips = aya::maps::MapInfo::from_pin(&retired)
+        .with_context(|| format!("opening {}", retired.display()))?
+        .max_entries();
+    let counted = lb_common::Counters {
+        packets,
+        bytes: packets * 64,
+        ..Default::default()
+    };
+    let path = dir.join(maps::LEGACY_VIP_STATS);
+    let counters: Vec<(u32, lb_common::Counters)> = ids.iter().map(|&id| (id, counted)).collect();
+    xdplb::dataplane::pin_legacy_vip_stats(&path, max_vips, &counters)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    eprintln!(
+        "{}: VIP ids {ids:?} counted {packets} packets each",
+        path.display()
+    );
+    Ok(json!({ "pin": path.display().to_string(), "vip_ids": ids, "packets": packets }))
 }
 
 // ---------------------------------------------------------------- ab

@@ -22,7 +22,7 @@ use super::{
     E2E_RESTART_BPFFS, PORT,
 };
 use crate::{
-    daemon::{BackendRow, CtlOutput, Daemon, DaemonOptions},
+    daemon::{BackendRow, CtlOutput, Daemon, DaemonOptions, ExitStats},
     probe::ShortReport,
     topology, util,
 };
@@ -517,7 +517,10 @@ fn restart_opts(ctx: &Ctx) -> (&'static Path, DaemonOptions) {
 /// it. Long-lived connections keep their backends only if their flows were
 /// migrated: a flow the table lost is rescheduled on the new ring, where
 /// about a quarter of them land on the added backend and are reset (all 24
-/// surviving by chance: about 1 in 1000).
+/// surviving by chance: about 1 in 1000). The same build counted packets
+/// on VIPs as well: `xdplb-bench legacy-vip-stats` pins such counters, a
+/// billion packets for the VIP, which the new daemon must carry on from
+/// (and remove once it has taken the links over).
 pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
     // No health check: the added backend is in the ring from the first
     // packet the new program sees.
@@ -543,7 +546,20 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
         "1000000",
     ]))
     .context("making the pinned flow table an older build's")?;
+    const OLDER_PACKETS: u64 = 1_000_000_000;
+    util::run(Command::new(&bench).args([
+        "legacy-vip-stats",
+        "--pin-dir",
+        &bpffs.display().to_string(),
+        "--packets",
+        &OLDER_PACKETS.to_string(),
+    ]))
+    .context("pinning an older build's per-VIP counters")?;
+    let vip_stats_pin = bpffs.join("XLB_VIP_STATS");
     let daemon = Daemon::start_with(&path4, &opts)?;
+    // Ready: every link runs the new program, so the older pin is gone.
+    let vip_stats_left = vip_stats_pin.exists();
+    let converted = daemon.find_log(|l| l.contains("converted the per-VIP counters"));
     // The connections must still be running when the new program has
     // taken over, or the scenario tested nothing.
     let spanned = long.running()?;
@@ -551,6 +567,12 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
     let finished = daemon.find_log(|l| l.contains("flow table migrated"));
     let per_backend = long.finish_checked(Duration::from_secs(30));
     let stopped = daemon.stop();
+    ensure!(
+        !vip_stats_left,
+        "{} is still pinned once the new daemon is ready",
+        vip_stats_pin.display()
+    );
+    converted.context("the new daemon does not say it converted the older per-VIP counters")?;
     let copied = copied.context("the new daemon does not say it copied the older table")?;
     finished.context("the new daemon does not say it finished the migration")?;
     ensure!(
@@ -559,7 +581,15 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
          this test broken)"
     );
     let per_backend = per_backend.context("long-lived connections across the migration")?;
-    stopped.context("stopping the migrated daemon")?;
+    let exit = ExitStats::from_json(&stopped.context("stopping the migrated daemon")?)?;
+    let vip_packets = exit.vip(&four.label())?.packets;
+    // The older count, plus what the backends counted after the conversion
+    // (not a million packets in these seconds).
+    ensure!(
+        (OLDER_PACKETS..OLDER_PACKETS + 1_000_000).contains(&vip_packets),
+        "the VIP counted {vip_packets} packets after the upgrade: it should carry on from the \
+         {OLDER_PACKETS} the older build's counters held"
+    );
     ensure!(
         !bpffs.exists(),
         "{} (with the older table's pin?) still exists after the daemon stopped",
@@ -570,7 +600,9 @@ pub(super) fn migrate_flow_table_under_traffic(ctx: &Ctx) -> Result<String> {
         .map_or(copied.as_str(), |(_, c)| c);
     Ok(format!(
         "{LONG} long-lived connections all {ROUNDS} rounds on one backend ({}) across a \
-         restart that migrated the table and added a backend; copied {copied}",
+         restart that migrated the table and added a backend; copied {copied}; the VIP's \
+         counters carried on from the older build's {OLDER_PACKETS} packets ({vip_packets} at \
+         the stop)",
         super::spread(&per_backend),
     ))
 }
