@@ -1491,6 +1491,55 @@ fn a_retransmitted_syn_follows_its_flow_or_moves_as_any_packet_would() {
     );
 }
 
+/// The window `schedule`'s stale-pick rule is for: a SYN read its VIP's
+/// ring just before the daemon took a backend out of it, then found its
+/// flow's entry on that backend, marked down in between. The ring's answer
+/// (the very backend the entry moves off) is forwarded unrecorded, as a
+/// read of the entry made before the change would have been: no new flow,
+/// no close, the entry as it was. The next packet, which reads the ring
+/// after the change, moves the flow. Made deterministic by writing the
+/// backend's entry as the daemon does, with the ring left as it was.
+#[test]
+fn a_syn_that_read_the_ring_before_its_backend_went_down_is_not_recorded() {
+    let mut h = Harness::new();
+    let (b3, _) = h.backend("three", "10.200.0.13");
+    let port = ports_of_three_on(&h, b3, 55000..55400u16)[0];
+    let flow = flow4(CLIENT4, VIP4_THREE, port, 80, PROTO_TCP);
+    h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_SYN));
+    assert_eq!(opened_closed(&h, b3), (1, 0));
+    let entry = h.dp.flow(&flow).expect("the SYN made an entry");
+
+    // b3 down in its backend entry only: the ring still names it.
+    let mut down = h.dp.backend(b3).expect("b3's entry");
+    down.flags |= lb_common::BACKEND_F_DOWN;
+    h.dp.set_backend(b3, &down).expect("write b3's entry");
+    let new_before = h.total_new_flows();
+    let (action, out) = h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_SYN));
+    assert_eq!(
+        (action, &out[0..6]),
+        (XDP_TX, &B3_MAC[..]),
+        "the ring's answer, b3"
+    );
+    assert_eq!(h.total_new_flows(), new_before, "not a new flow");
+    assert_eq!(opened_closed(&h, b3), (1, 0), "no close counted on b3");
+    assert_eq!(h.dp.flow(&flow), Some(entry), "the entry as it was");
+
+    // The daemon's change completed (b3 out of the ring): the flow moves,
+    // closed on b3 once.
+    mark_down(&mut h, "10.200.0.13");
+    let moved_to = h.reference_backend("three", &flow);
+    assert_ne!(moved_to, b3);
+    let (action, out) = h.run(&tcp4_flags(VIP4_THREE, port, 80, TCP_SYN));
+    assert_eq!(
+        (action, &out[0..6]),
+        (XDP_TX, &h.mac_of("three", moved_to)[..]),
+        "the next SYN moves to the ring's new answer"
+    );
+    assert_eq!(h.total_new_flows(), new_before + 1, "a new flow there");
+    assert_eq!(opened_closed(&h, b3), (1, 1), "closed on b3 once");
+    assert_eq!(h.dp.flow(&flow).map(|v| v.backend_id()), Some(moved_to));
+}
+
 #[test]
 fn rst_as_first_packet_opens_and_closes() {
     let mut h = Harness::new();
