@@ -585,7 +585,7 @@ fn count_evicted(old: &FlowSlot) {
     }
     if XLB_BACKENDS
         .get(old.value.backend_id())
-        .is_some_and(|b| b.generation == old.value.generation)
+        .is_some_and(|b| still_on(b, &old.value))
     {
         count_closed(old.value.backend_id());
     }
