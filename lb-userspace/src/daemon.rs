@@ -160,14 +160,16 @@ struct ApplyFailed {
     /// and nothing changed).
     writes_began: bool,
     /// Interfaces it attached and left attached: after the writes began
-    /// the maps may send traffic to them.
+    /// the maps may send traffic to them; before, links taken over (which
+    /// run the new program) and links that failed to detach.
     attached: Vec<Attachment>,
 }
 
 /// `State::apply_with`, attaching to `cfg`'s egress interfaces that are not
 /// in `attached` just before the first map write. Returns the summary and
 /// the interfaces it attached. A refusal detaches them again (links it
-/// made; a link taken over keeps the new program).
+/// made; a link taken over keeps the new program, and stays listed as
+/// attached, as does one that failed to detach).
 fn apply_attaching(
     state: &mut State,
     dp: &mut Dataplane,
@@ -198,15 +200,21 @@ fn apply_attaching(
         }),
         Err(error) => {
             // Logged, not returned: the refusal is the error to report.
-            for (name, _) in &made {
-                if let Err(e) = dp.detach(name) {
-                    tracing::error!("detaching from {name} after the refused change: {e}");
+            let mut kept = Vec::new();
+            for (name, mode) in made {
+                match dp.detach(&name) {
+                    Ok(true) => {}
+                    Ok(false) => kept.push((name, mode)),
+                    Err(e) => {
+                        tracing::error!("detaching from {name} after the refused change: {e}");
+                        kept.push((name, mode));
+                    }
                 }
             }
             Err(ApplyFailed {
                 error: error.into(),
                 writes_began,
-                attached: Vec::new(),
+                attached: kept,
             })
         }
     }
@@ -324,6 +332,27 @@ impl Daemon {
             );
         }
         let how = dp.attach(&cfg.interface, mode)?;
+        // Links an earlier daemon pinned on interfaces this configuration
+        // no longer names: their older program would keep running there.
+        // Before the migration is finished: that assumes every link runs
+        // this program.
+        match dp.remove_stale_links() {
+            Ok(stale) => {
+                for (name, removed) in stale {
+                    match removed {
+                        Ok(()) => tracing::info!(
+                            "detached from {name}: its XDP link was pinned by an earlier \
+                             daemon, and the configuration no longer names it"
+                        ),
+                        Err(e) => tracing::warn!(
+                            "{name} is no longer in the configuration, but its link \
+                             pinned by an earlier daemon stays: {e}"
+                        ),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("removing the links of interfaces no longer configured: {e}"),
+        }
         // Not fatal from here: the links run this program now, and a
         // restart goes on with the migration.
         if let Err(e) = dp.mark_taken_over() {
@@ -343,19 +372,6 @@ impl Daemon {
                  ({}) and the next start goes on with it",
                 migration_pin.unwrap_or_default().display()
             ),
-        }
-        // Links an earlier daemon pinned on interfaces this configuration
-        // no longer names: their older program would keep running there.
-        match dp.remove_stale_links() {
-            Ok(stale) => {
-                for name in stale {
-                    tracing::info!(
-                        "detached from {name}: its XDP link was pinned by an earlier daemon, \
-                         and the configuration no longer names it"
-                    );
-                }
-            }
-            Err(e) => tracing::warn!("removing the links of interfaces no longer configured: {e}"),
         }
         let actual = attached_mode(&cfg.interface, how, mode);
         let mut attached = vec![(cfg.interface.clone(), actual)];
@@ -486,8 +502,15 @@ impl Daemon {
                 return true;
             }
             match dp.release(name) {
-                Ok(()) => {
+                Ok(true) => {
                     tracing::info!("detached from {name}: no backend is behind it any more");
+                    false
+                }
+                Ok(false) => {
+                    tracing::warn!(
+                        "{name}, which no backend is behind any more, has no link of this \
+                         daemon to detach"
+                    );
                     false
                 }
                 Err(e) => {

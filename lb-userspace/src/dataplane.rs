@@ -591,6 +591,11 @@ impl Dataplane {
             .pin_dir
             .as_ref()
             .map(|dir| dir.join(format!("{LINK_PIN_PREFIX}{interface}")));
+        if self.taken_over.contains_key(interface) {
+            // Taken over already (and kept after a refused change): it
+            // runs this program.
+            return Ok(Attached::Replaced);
+        }
         if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
             let context = || format!("taking over the pinned XDP link {}", path.display());
             let pinned = PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
@@ -667,46 +672,55 @@ impl Dataplane {
     }
 
     /// Detaches from `interface` the link `attach` made there in this
-    /// process (removing its pin). A link taken over from a pin, or none,
-    /// is left alone.
-    pub fn detach(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        match self.made.remove(interface) {
-            None => Ok(()),
-            Some(MadeLink::Pinned(path)) => {
-                // The pin held the link's last reference: removing it
-                // detaches (once the kernel frees the link).
-                remove_pin(&path)?;
-                self.links.retain(|p| *p != path);
-                Ok(())
-            }
-            Some(MadeLink::Owned(id)) => {
-                self.program_mut()
-                    .detach(id)
-                    .map_err(|source| DataplaneError::Program {
-                        context: format!("detaching XDP from {interface}"),
-                        source,
-                    })
-            }
+    /// process (removing its pin), and says whether it did: a link taken
+    /// over from a pin, or none, is left alone. A pin that cannot be
+    /// removed leaves the link recorded, and attached.
+    pub fn detach(&mut self, interface: &str) -> Result<bool, DataplaneError> {
+        if let Some(MadeLink::Pinned(path)) = self.made.get(interface) {
+            // The pin held the link's last reference: removing it
+            // detaches (once the kernel frees the link).
+            let path = path.clone();
+            remove_pin(&path)?;
+            self.links.retain(|p| *p != path);
+            self.made.remove(interface);
+            return Ok(true);
         }
-    }
-
-    /// Detaches from `interface` whatever link this daemon runs there, made
-    /// or taken over, and removes its pin: an egress interface no backend
-    /// is behind any more. (`detach` takes back only links this process
-    /// made, for a refused change.)
-    pub fn release(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        let Some((path, id)) = self.taken_over.remove(interface) else {
-            return self.detach(interface);
+        let Some(MadeLink::Owned(id)) = self.made.remove(interface) else {
+            return Ok(false);
         };
-        // The pin and the program's handle were the link's references.
-        remove_pin(&path)?;
-        self.links.retain(|p| *p != path);
         self.program_mut()
             .detach(id)
             .map_err(|source| DataplaneError::Program {
                 context: format!("detaching XDP from {interface}"),
                 source,
-            })
+            })?;
+        Ok(true)
+    }
+
+    /// Detaches from `interface` whatever link this daemon runs there, made
+    /// or taken over, and removes its pin: an egress interface no backend
+    /// is behind any more. (`detach` takes back only links this process
+    /// made, for a refused change.) Says whether there was one; a pin that
+    /// cannot be removed leaves the link recorded, and attached.
+    pub fn release(&mut self, interface: &str) -> Result<bool, DataplaneError> {
+        let Some((path, _)) = self.taken_over.get(interface) else {
+            return self.detach(interface);
+        };
+        // The pin and the program's handle are the link's references.
+        let path = path.clone();
+        remove_pin(&path)?;
+        self.links.retain(|p| *p != path);
+        let (_, id) = self
+            .taken_over
+            .remove(interface)
+            .expect("looked up just above");
+        self.program_mut()
+            .detach(id)
+            .map_err(|source| DataplaneError::Program {
+                context: format!("detaching XDP from {interface}"),
+                source,
+            })?;
+        Ok(true)
     }
 
     /// Removes the links pinned in the pin directory for interfaces this
@@ -715,8 +729,13 @@ impl Dataplane {
     /// changed, or no backend is behind an egress interface any more).
     /// Their program would otherwise keep running there, with these maps,
     /// and no later stop would detach it. Removing a pin detaches once the
-    /// kernel frees the link. Returns the interfaces, by name.
-    pub fn remove_stale_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+    /// kernel frees the link. Returns the interfaces, by name, each with
+    /// the outcome of removing its pin (one failing does not stop the
+    /// others).
+    #[allow(clippy::type_complexity, reason = "one list of named outcomes")]
+    pub fn remove_stale_links(
+        &mut self,
+    ) -> Result<Vec<(String, Result<(), DataplaneError>)>, DataplaneError> {
         let Some(dir) = &self.pin_dir else {
             return Ok(Vec::new());
         };
@@ -739,10 +758,13 @@ impl Dataplane {
             }
         }
         stale.sort();
-        for (_, path) in &stale {
-            remove_pin(path)?;
-        }
-        Ok(stale.into_iter().map(|(name, _)| name).collect())
+        Ok(stale
+            .into_iter()
+            .map(|(name, path)| {
+                let removed = remove_pin(&path);
+                (name, removed)
+            })
+            .collect())
     }
 
     /// Adds or changes a VIP: its `XLB_VIPS` entry, then its entry by id,

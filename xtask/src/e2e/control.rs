@@ -939,6 +939,8 @@ pub(super) fn links_follow_the_configuration(ctx: &Ctx) -> Result<String> {
         second.kill()?;
         write(&plain)?;
         let third = Daemon::start_with(&path, &opts)?;
+        let vip_link = bpffs.join(format!("link-{}", topology::LB_IF));
+        let vip_link_kept = vip_link.exists();
         let detached = wait_xdp(NATIVE_IF, false, Duration::from_secs(3));
         let said = third.find_log(|l| {
             l.contains(&format!(
@@ -952,6 +954,11 @@ pub(super) fn links_follow_the_configuration(ctx: &Ctx) -> Result<String> {
             !detached?,
             "{NATIVE_IF} still has an XDP program 3 s after a restart whose configuration no \
              longer names it"
+        );
+        ensure!(
+            vip_link_kept,
+            "the restart removed the pin of the VIP interface's own link, {}",
+            vip_link.display()
         );
         said.with_context(|| {
             format!("the restarted daemon does not say it detached from {NATIVE_IF}:\n{log}")
