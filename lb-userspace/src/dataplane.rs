@@ -688,13 +688,18 @@ impl Dataplane {
         let Some(MadeLink::Owned(id)) = self.made.remove(interface) else {
             return Ok(false);
         };
+        self.drop_handle(interface, id)?;
+        Ok(true)
+    }
+
+    /// Drops the program's handle on its link to `interface`.
+    fn drop_handle(&mut self, interface: &str, id: XdpLinkId) -> Result<(), DataplaneError> {
         self.program_mut()
             .detach(id)
             .map_err(|source| DataplaneError::Program {
                 context: format!("detaching XDP from {interface}"),
                 source,
-            })?;
-        Ok(true)
+            })
     }
 
     /// Detaches from `interface` whatever link this daemon runs there, made
@@ -714,12 +719,7 @@ impl Dataplane {
             .taken_over
             .remove(interface)
             .expect("looked up just above");
-        self.program_mut()
-            .detach(id)
-            .map_err(|source| DataplaneError::Program {
-                context: format!("detaching XDP from {interface}"),
-                source,
-            })?;
+        self.drop_handle(interface, id)?;
         Ok(true)
     }
 
