@@ -1058,8 +1058,8 @@ impl Dataplane {
 
 /// Pins at `path` per-CPU VIP counters made the way an older build made
 /// them (`maps::LEGACY_VIP_STATS`: a per-CPU array of `max_vips`
-/// `Counters`), each of `counters` on CPU 0: for tests of their
-/// conversion, never used by the daemon.
+/// `Counters`), each of `counters` spread over the CPUs: for tests of
+/// their conversion, never used by the daemon.
 #[doc(hidden)]
 pub fn pin_legacy_vip_stats(
     path: &Path,
@@ -1077,8 +1077,19 @@ pub fn pin_legacy_vip_stats(
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     for &(id, c) in counters {
         // One value per possible CPU (each 8-byte aligned): CPU 0's first.
-        let mut values = vec![Counters::default(); cpus];
-        values[0] = c;
+        // The counts spread over every CPU (the rest of each division on
+        // CPU 0), as packets on several CPUs leave them: a conversion that
+        // read one CPU's would be short.
+        let n = cpus as u64;
+        let share = |v: u64, cpu: usize| v / n + if cpu == 0 { v % n } else { 0 };
+        let values: Vec<Counters> = (0..cpus)
+            .map(|cpu| Counters {
+                packets: share(c.packets, cpu),
+                bytes: share(c.bytes, cpu),
+                new_flows: share(c.new_flows, cpu),
+                closed_flows: share(c.closed_flows, cpu),
+            })
+            .collect();
         // BPF_MAP_UPDATE_ELEM (2): map_fd, key, value, flags 0.
         let mut update = [0u64; 16];
         update[0] = fd.as_raw_fd() as u64;

@@ -238,7 +238,8 @@ enum Command {
     /// For tests of the conversion of per-VIP counters: pins per-CPU VIP
     /// counters at PIN_DIR/XLB_VIP_STATS as a daemon of a build that
     /// counted packets on VIPs too would have left them, with `packets`
-    /// packets (and 64 bytes each) for every VIP in PIN_DIR/XLB_VIPS.
+    /// packets (64 bytes each, a new flow in ten) for every VIP in
+    /// PIN_DIR/XLB_VIPS, spread over the CPUs.
     #[command(hide = true)]
     LegacyVipStats {
         #[arg(long)]
@@ -1097,6 +1098,7 @@ fn legacy_vip_stats(dir: &Path, packets: u64) -> Result<Value> {
     let counted = lb_common::Counters {
         packets,
         bytes: packets * 64,
+        new_flows: packets / 10,
         ..Default::default()
     };
     let path = dir.join(maps::LEGACY_VIP_STATS);
