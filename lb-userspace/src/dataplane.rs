@@ -623,24 +623,45 @@ impl Dataplane {
             return Ok(Attached::Replaced);
         }
         let program = self.program_mut();
+        // (The error, and whether the interface has an XDP program already.)
         let attach = |program: &mut Xdp, m: AyaXdpMode| {
-            program
-                .attach(interface, m)
-                .map_err(|source| DataplaneError::Program {
-                    context: format!("attaching XDP to {interface} ({m:?} mode)"),
-                    source,
-                })
+            program.attach(interface, m).map_err(|source| {
+                let taken = slot_taken(&source);
+                let context = if taken {
+                    format!(
+                        "attaching XDP to {interface} ({m:?} mode): {interface} has an XDP \
+                         program already (`ip link show {interface}` shows it), another \
+                         xdplb's or another tool's; detach it first (an earlier xdplb's link \
+                         pinned under another interface name goes with its pin)"
+                    )
+                } else {
+                    format!("attaching XDP to {interface} ({m:?} mode)")
+                };
+                (DataplaneError::Program { context, source }, taken)
+            })
         };
         let (id, how) = match mode {
-            Some(XdpMode::Native) => (attach(program, AyaXdpMode::Driver)?, Attached::Native),
-            Some(XdpMode::Generic) => (attach(program, AyaXdpMode::Skb)?, Attached::Generic),
+            Some(XdpMode::Native) => (
+                attach(program, AyaXdpMode::Driver).map_err(|(e, _)| e)?,
+                Attached::Native,
+            ),
+            Some(XdpMode::Generic) => (
+                attach(program, AyaXdpMode::Skb).map_err(|(e, _)| e)?,
+                Attached::Generic,
+            ),
             None => match attach(program, AyaXdpMode::Driver) {
                 Ok(r) => (r, Attached::Native),
-                Err(native) => {
+                // Generic mode would find the interface taken just the same.
+                Err((taken, true)) => return Err(taken),
+                Err((native, false)) => {
                     tracing::warn!(
-                        "native XDP refused on {interface} ({native}); using generic mode"
+                        "native XDP refused on {interface} ({}); using generic mode",
+                        causes(&native)
                     );
-                    (attach(program, AyaXdpMode::Skb)?, Attached::Generic)
+                    (
+                        attach(program, AyaXdpMode::Skb).map_err(|(e, _)| e)?,
+                        Attached::Generic,
+                    )
                 }
             },
         };
@@ -1281,6 +1302,34 @@ fn rename_pin(from: &Path, to: &Path) -> Result<(), DataplaneError> {
     })
 }
 
+/// Whether an attach failed because the interface has an XDP program
+/// already (the kernel answers EEXIST or EBUSY).
+fn slot_taken(e: &ProgramError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::ResourceBusy
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An error with its causes, as one line.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -1295,4 +1344,41 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
 /// The `XLB_VIP_INDEX` slot of a VIP.
 fn index_slot(key: &VipKey) -> u32 {
     vip_index_slot(key.filter_slot())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link_create_failed(errno: i32) -> ProgramError {
+        ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn an_interface_with_an_xdp_program_is_told_from_one_without_support() {
+        // Native mode taken (EBUSY), generic mode taken (EEXIST): the
+        // slot; a driver without native XDP (EOPNOTSUPP): not.
+        assert!(slot_taken(&link_create_failed(libc::EBUSY)));
+        assert!(slot_taken(&link_create_failed(libc::EEXIST)));
+        assert!(!slot_taken(&link_create_failed(libc::EOPNOTSUPP)));
+        assert!(!slot_taken(&ProgramError::NotLoaded));
+    }
+
+    #[test]
+    fn causes_puts_an_error_and_its_sources_on_one_line() {
+        let e = DataplaneError::Program {
+            context: "attaching XDP to br0 (Driver mode)".into(),
+            source: link_create_failed(libc::EOPNOTSUPP),
+        };
+        assert_eq!(
+            causes(&e),
+            format!(
+                "attaching XDP to br0 (Driver mode): `bpf_link_create` failed: {}",
+                std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+            )
+        );
+    }
 }
