@@ -1302,32 +1302,32 @@ fn rename_pin(from: &Path, to: &Path) -> Result<(), DataplaneError> {
     })
 }
 
+/// `e` and its causes, outermost first.
+fn chain<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'e (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| c.source())
+}
+
 /// Whether an attach failed because the interface has an XDP program
 /// already (the kernel answers EEXIST or EBUSY).
 fn slot_taken(e: &ProgramError) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return matches!(
+    chain(e)
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::ResourceBusy
-            );
-        }
-        cause = c.source();
-    }
-    false
+            )
+        })
 }
 
 /// An error with its causes, as one line.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    chain(e)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
