@@ -1111,11 +1111,9 @@ pub(super) fn bad_input_rejected(ctx: &Ctx) -> Result<String> {
         note(check_unchanged(&format!("the rejected reload ({what})")).map(|()| String::new()));
     }
     write_config(&path, std::slice::from_ref(&spec))?;
-    let link = in_lb(&["ip", "-j", "link", "show", "dev", NATIVE_IF])?;
-    note(if link.contains("\"xdp\"") {
+    note(if wait_xdp(NATIVE_IF, false, Duration::ZERO)? {
         Err(anyhow::anyhow!(
-            "{NATIVE_IF} kept an XDP program after the refused reload: {}",
-            link.trim()
+            "{NATIVE_IF} kept an XDP program after the refused reload"
         ))
     } else {
         Ok(String::new())
