@@ -24,6 +24,11 @@
 //! - `xlb_bench_lru_hit` / `xlb_bench_lru_insert`: the same on a kernel LRU
 //!   hash of `FlowKey` -> `FlowValue` (`XLB_BENCH_LRU`, same flow count),
 //!   what the flow table was before: the comparison that justifies it.
+//! - `xlb_bench_fwd`: the least an XDP load balancer with L2 DSR does, the
+//!   end-to-end benchmark's baseline for xdplb's own cost: IPv4 TCP to one
+//!   address and port goes to the backend `(source address + source port)
+//!   % n` names (`XLB_BENCH_FWD_MACS`), by rewriting the MACs and XDP_TX;
+//!   no state, no counters, no health; anything else passes.
 //!
 //! Map names and counter slots are mirrored in the host binary.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -89,6 +94,18 @@ mod programs {
     /// Sized by the bench: as many entries as the flow table holds flows.
     #[map]
     static XLB_BENCH_LRU: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(1, 0);
+
+    /// `xlb_bench_fwd`'s backends: destination then source MAC, the first
+    /// `XLB_BENCH_FWD_N` entries.
+    #[map]
+    static XLB_BENCH_FWD_MACS: Array<[u8; 12]> = Array::with_max_entries(16, 0);
+    #[unsafe(no_mangle)]
+    static XLB_BENCH_FWD_N: u32 = 0;
+    /// The forwarded address and port, as they lie in the packet.
+    #[unsafe(no_mangle)]
+    static XLB_BENCH_FWD_ADDR_BE: u32 = 0;
+    #[unsafe(no_mangle)]
+    static XLB_BENCH_FWD_PORT_BE: u16 = 0;
 
     const COUNT_GEN: u32 = 0;
     const COUNT_SINK: u32 = 1;
@@ -329,6 +346,48 @@ mod programs {
             Err(-17) => XDP_PASS,
             Err(_) => XDP_DROP,
         }
+    }
+
+    #[xdp]
+    pub fn xlb_bench_fwd(ctx: XdpContext) -> u32 {
+        fwd(&ctx).unwrap_or(XDP_PASS)
+    }
+
+    #[inline(always)]
+    fn fwd(ctx: &XdpContext) -> Option<u32> {
+        // SAFETY: read-only globals the loader sets; volatile so the
+        // compiled-in zeros are not folded in.
+        let (n, addr, port) = unsafe {
+            (
+                core::ptr::read_volatile(&XLB_BENCH_FWD_N),
+                core::ptr::read_volatile(&XLB_BENCH_FWD_ADDR_BE),
+                core::ptr::read_volatile(&XLB_BENCH_FWD_PORT_BE),
+            )
+        };
+        let eth = ptr_at::<EthHdr>(ctx, 0)?;
+        // SAFETY: ptr_at checked bounds.
+        if unsafe { (*eth).ether_type } != ETH_P_IPV4_BE || n == 0 {
+            return None;
+        }
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? as *const u8;
+        // SAFETY: ptr_at checked bounds (protocol, addresses, IHL).
+        let (vihl, proto, src, dst) =
+            unsafe { (*ip, *ip.add(9), load32::<12>(ip), load32::<16>(ip)) };
+        if proto != PROTO_TCP || dst != addr {
+            return None;
+        }
+        let l4 = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + usize::from(vihl & 0x0f) * 4)?;
+        // SAFETY: ptr_at checked bounds.
+        let (sport, dport) = unsafe { (load16::<0>(l4.cast()), load16::<2>(l4.cast())) };
+        if dport != port {
+            return None;
+        }
+        let k = u32::from_be(src).wrapping_add(u32::from(u16::from_be(sport))) % n;
+        let macs = XLB_BENCH_FWD_MACS.get(k)?;
+        // SAFETY: ptr_at checked the Ethernet header; it begins with the
+        // two MACs in the order `macs` holds them.
+        unsafe { *eth.cast::<[u8; 12]>() = *macs };
+        Some(XDP_TX)
     }
 
     #[xdp]

@@ -548,6 +548,7 @@ fn on_topology(
     let dir = TempDir::new("run")?;
     let t = Instant::now();
     let _topology = TopologyGuard::up(BACKENDS)?;
+    topology::add_forwarder_host(BACKENDS).context("adding way E's forwarder host")?;
     println!(
         "bench: topology with {BACKENDS} backends up in {:.1} s",
         t.elapsed().as_secs_f64()

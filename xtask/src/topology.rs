@@ -38,6 +38,15 @@ pub const CLIENT6: &str = "fd00:200::1";
 pub const LB4: &str = "10.200.0.2";
 pub const LB6: &str = "fd00:200::2";
 
+/// The benchmark's baseline forwarder host (`add_forwarder_host`), absent
+/// from the topology `up` builds.
+pub const FWD_NS: &str = "xlb-fwd";
+pub const FWD4: &str = "10.200.0.4";
+pub const FWD6: &str = "fd00:200::4";
+/// The address the forwarder host forwards to the backends, as the LB does
+/// VIP4: on every backend's lo, and reached by the client through FWD4.
+pub const FWD_VIP4: &str = "10.200.100.2";
+
 /// Ports every backend echo server listens on, TCP and UDP.
 pub const SERVICE_PORTS: [u16; 2] = [8080, 8081];
 /// Interface name of the topology link inside every host namespace.
@@ -239,6 +248,66 @@ fn build(backends: usize) -> Result<()> {
     .context("recording topology state")?;
     eprintln!("topology up with {backends} backends");
     Ok(())
+}
+
+/// Adds the benchmark's forwarder host to the topology `up` built with
+/// `backends` backends: a namespace on the bridge like the LB's (a veth
+/// `eth0`, a pass program on its switch port, no forwarding), FWD_VIP4 on
+/// every backend's lo, and the client's route to it through FWD4. What
+/// runs on its eth0 is the caller's. `down` removes it with the rest.
+pub fn add_forwarder_host(backends: usize) -> Result<()> {
+    check_backends(backends)?;
+    let host = Host {
+        ns: FWD_NS.into(),
+        addr4: FWD4.into(),
+        addr6: FWD6.into(),
+        role: "forwarder".into(),
+    };
+    build_host(&host).with_context(|| format!("setting up namespace {FWD_NS}"))?;
+    util::sysctl(
+        FWD_NS,
+        &[
+            ("net.ipv4.ip_forward", "0"),
+            ("net.ipv6.conf.all.forwarding", "0"),
+        ],
+    )?;
+    for i in 1..=backends {
+        ip(&[
+            "-n",
+            &backend_ns(i),
+            "addr",
+            "add",
+            &format!("{FWD_VIP4}/32"),
+            "dev",
+            "lo",
+        ])
+        .with_context(|| format!("adding {FWD_VIP4} to lo in {}", backend_ns(i)))?;
+    }
+    ip(&[
+        "-n",
+        CLIENT_NS,
+        "route",
+        "add",
+        &format!("{FWD_VIP4}/32"),
+        "via",
+        FWD4,
+    ])
+    .context("adding the client's route to the forwarder")?;
+    attach_pass_programs(std::slice::from_ref(&host))
+        .context("attaching an XDP pass program to the forwarder's switch port")?;
+    wait_not_tentative(FWD_NS)
+}
+
+/// The MAC address of `eth0` in namespace `ns`.
+pub fn mac_of(ns: &str) -> Result<String> {
+    let out = ip(&["-n", ns, "-j", "link", "show", "dev", LB_IF])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link show`: {out}"))?;
+    v.get(0)
+        .and_then(|l| l.get("address"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("no address for {LB_IF} in {ns}: {out}"))
 }
 
 fn create_netns(ns: &str) -> Result<()> {
@@ -628,7 +697,7 @@ fn our_namespaces() -> Result<BTreeSet<String>> {
 }
 
 fn is_our_namespace(name: &str) -> bool {
-    if [CLIENT_NS, LB_NS, SWITCH_NS].contains(&name) {
+    if [CLIENT_NS, LB_NS, SWITCH_NS, FWD_NS].contains(&name) {
         return true;
     }
     name.strip_prefix("xlb-b")

@@ -71,7 +71,8 @@ mod bench {
     pub const FLOW_TOUCH: &str = "xlb_bench_flow_touch";
     pub const LRU_HIT: &str = "xlb_bench_lru_hit";
     pub const LRU_INSERT: &str = "xlb_bench_lru_insert";
-    pub const PROGRAMS: [&str; 10] = [
+    pub const FWD: &str = "xlb_bench_fwd";
+    pub const PROGRAMS: [&str; 11] = [
         REFLECT,
         RESET,
         TX,
@@ -82,6 +83,7 @@ mod bench {
         FLOW_TOUCH,
         LRU_HIT,
         LRU_INSERT,
+        FWD,
     ];
 
     pub const FLOWS: &str = "XLB_BENCH_FLOWS";
@@ -91,6 +93,13 @@ mod bench {
     pub const PORTS: &str = "XLB_BENCH_PORTS";
     pub const COUNT: &str = "XLB_BENCH_COUNT";
     /// `XLB_BENCH_COUNT` slots.
+    pub const FWD_MACS: &str = "XLB_BENCH_FWD_MACS";
+    pub const FWD_N: &str = "XLB_BENCH_FWD_N";
+    pub const FWD_ADDR: &str = "XLB_BENCH_FWD_ADDR_BE";
+    pub const FWD_PORT: &str = "XLB_BENCH_FWD_PORT_BE";
+    /// `XLB_BENCH_FWD_MACS`' size.
+    pub const FWD_MAX: usize = 16;
+
     pub const COUNT_GEN: u32 = 0;
     pub const COUNT_SINK: u32 = 1;
 }
@@ -247,6 +256,25 @@ enum Command {
         #[arg(long)]
         packets: u64,
     },
+    /// The end-to-end benchmark's baseline forwarder: attaches
+    /// `xlb_bench_fwd` in native mode to IFACE (in this process's network
+    /// namespace), forwarding TCP to VIP to the backends' MACs, and holds
+    /// it until the process is killed (the kernel then detaches it). Prints
+    /// no JSON.
+    #[command(hide = true)]
+    Fwd {
+        #[arg(long)]
+        iface: String,
+        /// The forwarded IPv4 address and TCP port.
+        #[arg(long)]
+        vip: std::net::SocketAddrV4,
+        /// IFACE's MAC: the forwarded frames' source.
+        #[arg(long, value_parser = parse_mac)]
+        src_mac: MacAddr,
+        /// A backend's MAC; one flag per backend.
+        #[arg(long = "backend-mac", required = true, value_parser = parse_mac)]
+        backend_macs: Vec<MacAddr>,
+    },
     /// Maglev table build time (65537 slots) for 10, 100 and 1000 backends,
     /// against allocating and filling the same table.
     Maglev {
@@ -279,6 +307,12 @@ fn main() -> ExitCode {
             veth(seconds, runs, napi_cpu)
         }
         Command::Maglev { runs } => maglev_bench(runs),
+        Command::Fwd {
+            iface,
+            vip,
+            src_mac,
+            backend_macs,
+        } => fwd(&iface, vip, src_mac, &backend_macs),
         Command::LegacyFlowTable {
             pin_dir,
             flow_table_size,
@@ -586,6 +620,63 @@ impl BenchObject {
             .take_map(name)
             .ok_or_else(|| anyhow!("map {name} is missing from the lb-bench object"))?;
         T::try_from(map).with_context(|| format!("map {name}"))
+    }
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    s.parse()
+        .map_err(|()| format!("{s:?} is not a MAC address (six hex pairs with colons)"))
+}
+
+/// `fwd`: returns only if attaching fails.
+fn fwd(
+    iface: &str,
+    vip: std::net::SocketAddrV4,
+    src_mac: MacAddr,
+    backend_macs: &[MacAddr],
+) -> Result<Value> {
+    ensure!(
+        backend_macs.len() <= bench::FWD_MAX,
+        "at most {} backends, got {}",
+        bench::FWD_MAX,
+        backend_macs.len()
+    );
+    let n = u32::try_from(backend_macs.len()).expect("at most FWD_MAX");
+    // As the program loads them from the packet: network order in memory.
+    let addr = u32::from_ne_bytes(vip.ip().octets());
+    let port = u16::from_ne_bytes(vip.port().to_be_bytes());
+    let mut ebpf = EbpfLoader::new()
+        .override_global(bench::FWD_N, &n, true)
+        .override_global(bench::FWD_ADDR, &addr, true)
+        .override_global(bench::FWD_PORT, &port, true)
+        .load(BENCH_OBJECT)
+        .context("loading the lb-bench object")?;
+    let mut macs: Array<MapData, [u8; 12]> = Array::try_from(
+        ebpf.take_map(bench::FWD_MACS)
+            .ok_or_else(|| anyhow!("map {} is missing", bench::FWD_MACS))?,
+    )?;
+    for (i, dst) in (0..).zip(backend_macs) {
+        let mut pair = [0u8; 12];
+        pair[..6].copy_from_slice(&dst.0);
+        pair[6..].copy_from_slice(&src_mac.0);
+        macs.set(i, pair, 0).context("writing the backends' MACs")?;
+    }
+    let program: &mut Xdp = ebpf
+        .program_mut(bench::FWD)
+        .ok_or_else(|| anyhow!("program {} is missing", bench::FWD))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifying {}", bench::FWD))?;
+    program
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching {} to {iface} (native)", bench::FWD))?;
+    eprintln!(
+        "xdplb-bench: {} on {iface} (native): TCP to {vip} over {n} backends, until killed",
+        bench::FWD
+    );
+    loop {
+        thread::park();
     }
 }
 

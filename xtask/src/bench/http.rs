@@ -1,16 +1,20 @@
 //! Part 3: HTTP requests per second end to end, one new TCP connection per
-//! request, four ways on the same topology in the same run:
+//! request, five ways on the same topology in the same run:
 //!
 //! - A: through xdplb (the VIP, L2 DSR: replies go straight to the client);
 //! - B: straight to backend b1, no load balancer (the ceiling);
 //! - C: through HAProxy in TCP mode on the LB (a full proxy: two
 //!   connections per request);
 //! - D: through nftables DNAT + SNAT on the LB (the kernel's NAT path,
-//!   replies come back through the LB).
+//!   replies come back through the LB);
+//! - E: through a bare XDP forwarder (`xdplb-bench fwd`) on a host of its
+//!   own on the same bridge: A's path and L2 DSR without xdplb's work (no
+//!   flow table, no Maglev, no counters), which tells what A's extra hop
+//!   costs apart from xdplb.
 //!
 //! The backends run nginx on [`HTTP_PORT`], each answering its name. wrk
-//! runs in the client namespace; the ways are interleaved (A B C D A B C D
-//! …) so a drift in the machine's load affects all of them alike.
+//! runs in the client namespace; the ways are interleaved (A B C D E A B C
+//! D E …) so a drift in the machine's load affects all of them alike.
 
 use std::{
     collections::BTreeMap,
@@ -29,7 +33,7 @@ use super::{
 };
 use crate::{
     daemon::ExitStats,
-    topology::{self, exec_in, CLIENT_NS, LB4, LB_NS, VIP4},
+    topology::{self, exec_in, CLIENT_NS, FWD_NS, FWD_VIP4, LB4, LB_NS, VIP4},
     util,
 };
 
@@ -63,10 +67,11 @@ pub enum Way {
     Direct,
     Haproxy,
     Nft,
+    Fwd,
 }
 
 impl Way {
-    pub const ALL: [Way; 4] = [Way::Xdplb, Way::Direct, Way::Haproxy, Way::Nft];
+    pub const ALL: [Way; 5] = [Way::Xdplb, Way::Direct, Way::Haproxy, Way::Nft, Way::Fwd];
 
     pub fn letter(self) -> &'static str {
         match self {
@@ -74,6 +79,7 @@ impl Way {
             Way::Direct => "B",
             Way::Haproxy => "C",
             Way::Nft => "D",
+            Way::Fwd => "E",
         }
     }
 
@@ -83,6 +89,7 @@ impl Way {
             Way::Direct => "direct to b1 (no LB)",
             Way::Haproxy => "HAProxy TCP mode",
             Way::Nft => "nftables DNAT+SNAT",
+            Way::Fwd => "bare XDP forwarder (L2 DSR)",
         }
     }
 
@@ -92,6 +99,7 @@ impl Way {
             Way::Direct => "direct",
             Way::Haproxy => "HAProxy",
             Way::Nft => "nft DNAT",
+            Way::Fwd => "XDP fwd",
         }
     }
 
@@ -101,6 +109,7 @@ impl Way {
             Way::Direct => format!("{}:{HTTP_PORT}", topology::backend_addr4(1)),
             Way::Haproxy => format!("{LB4}:{HAPROXY_PORT}"),
             Way::Nft => format!("{LB4}:{NFT_PORT}"),
+            Way::Fwd => format!("{FWD_VIP4}:{HTTP_PORT}"),
         }
     }
 
@@ -227,20 +236,20 @@ fn gets_from_client(addr: &str, n: usize) -> Result<BTreeMap<String, usize>> {
     })
 }
 
-/// Waits until `addr` answers 200 with body `want` from the client
-/// namespace, or `proc` dies.
-fn wait_answers(proc: &mut Proc, addr: &str, want: &str) -> Result<()> {
+/// Waits until one of `n` GETs to `addr` from the client namespace is
+/// answered 200 with a body in `want`, or `proc` dies.
+fn wait_answers(proc: &mut Proc, addr: &str, n: usize, want: &[String]) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         check_interrupted()?;
         proc.check_alive()?;
-        let seen = gets_from_client(addr, 1)?;
-        if seen.keys().any(|k| k == want) {
+        let seen = gets_from_client(addr, n)?;
+        if seen.keys().any(|k| want.contains(k)) {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not answer `{want}` on {addr} within {READY_TIMEOUT:?} (got {seen:?}); \
+                "{} did not answer {want:?} on {addr} within {READY_TIMEOUT:?} (got {seen:?}); \
                  its log:\n{}",
                 proc.name,
                 proc.log_text()
@@ -341,10 +350,12 @@ fn nft_ruleset() -> String {
 pub struct Servers {
     nginx: Vec<Proc>,
     haproxy: Proc,
+    fwd: Proc,
     pub nginx_conf_b1: String,
     pub nginx_argv_b1: String,
     pub haproxy_conf: String,
     pub haproxy_argv: String,
+    pub fwd_argv: String,
     dir: PathBuf,
 }
 
@@ -391,41 +402,37 @@ impl Servers {
             &hargv,
             hdir.join("haproxy.log"),
         )?;
+        let (fwd, fwd_argv) = spawn_forwarder(dir)?;
         let mut servers = Servers {
             nginx,
             haproxy,
+            fwd,
             nginx_conf_b1: nginx_conf(1, Path::new("$TMP/nginx-b1")),
             nginx_argv_b1,
             haproxy_conf: haproxy_conf(),
             haproxy_argv,
+            fwd_argv,
             dir: dir.to_owned(),
         };
         for (k, p) in servers.nginx.iter_mut().enumerate() {
             let i = k + 1;
             let addr = format!("{}:{HTTP_PORT}", topology::backend_addr4(i));
-            wait_answers(p, &addr, &topology::backend_name(i))?;
+            wait_answers(p, &addr, 1, &[topology::backend_name(i)])?;
         }
-        let addr = Way::Haproxy.addr();
-        let want = topology::backend_name(1);
         // Round robin: one of the first few answers is b1.
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            check_interrupted()?;
-            servers.haproxy.check_alive()?;
-            if gets_from_client(&addr, BACKENDS)?.contains_key(&want) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "haproxy did not answer on {addr} within {READY_TIMEOUT:?}; its log:\n{}",
-                    servers.haproxy.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let haproxy = Way::Haproxy.addr();
+        wait_answers(
+            &mut servers.haproxy,
+            &haproxy,
+            BACKENDS,
+            &[topology::backend_name(1)],
+        )?;
+        let all: Vec<String> = (1..=BACKENDS).map(topology::backend_name).collect();
+        wait_answers(&mut servers.fwd, &Way::Fwd.addr(), 1, &all)?;
         println!(
-            "bench: nginx on {BACKENDS} backends (:{HTTP_PORT}) and HAProxy on {addr} up \
-             (configs in {})",
+            "bench: nginx on {BACKENDS} backends (:{HTTP_PORT}), HAProxy on {haproxy} and the \
+             bare XDP forwarder on {} up (configs in {})",
+            Way::Fwd.addr(),
             servers.dir.display()
         );
         Ok(servers)
@@ -435,15 +442,50 @@ impl Servers {
         for p in &mut self.nginx {
             p.check_alive()?;
         }
+        self.fwd.check_alive()?;
         self.haproxy.check_alive()
     }
 
     pub fn stop(mut self) {
+        self.fwd.stop();
         self.haproxy.stop();
         for p in &mut self.nginx {
             p.stop();
         }
     }
+}
+
+/// Starts way E's forwarder (`xdplb-bench fwd`) on the forwarder host's
+/// eth0, for the backends' MACs; returns it and its command line as the
+/// document shows it.
+fn spawn_forwarder(dir: &Path) -> Result<(Proc, String)> {
+    let bench = super::xdplb_bench_path()?;
+    let bench = bench.to_str().context("xdplb-bench path is not UTF-8")?;
+    let vip = Way::Fwd.addr();
+    let src_mac = topology::mac_of(FWD_NS)?;
+    let mut argv = vec![
+        bench.to_owned(),
+        "fwd".into(),
+        "--iface".into(),
+        topology::LB_IF.into(),
+        "--vip".into(),
+        vip,
+        "--src-mac".into(),
+        src_mac,
+    ];
+    for i in 1..=BACKENDS {
+        argv.push("--backend-mac".into());
+        argv.push(topology::mac_of(&topology::backend_ns(i))?);
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let shown = format!("nsenter --net=/run/netns/{FWD_NS} -- {}", argv.join(" "));
+    let proc = Proc::spawn(
+        format!("the XDP forwarder in {FWD_NS}"),
+        FWD_NS,
+        &argv,
+        dir.join("fwd.log"),
+    )?;
+    Ok((proc, shown))
 }
 
 /// Way D's NAT for the length of one run: the SNAT address, the nft table
@@ -737,6 +779,7 @@ pub struct HttpResults {
     pub nginx_argv_b1: String,
     pub haproxy_conf: String,
     pub haproxy_argv: String,
+    pub fwd_argv: String,
     pub nft_ruleset: String,
     pub daemon_config: String,
     pub daemon_argv: String,
@@ -810,7 +853,7 @@ pub fn run(
     let mut preflight = BTreeMap::new();
     for way in Way::ALL {
         let n = match way {
-            Way::Xdplb => 30,
+            Way::Xdplb | Way::Fwd => 30,
             Way::Direct => 3,
             Way::Haproxy | Way::Nft => 6,
         };
@@ -923,6 +966,7 @@ pub fn run(
         nginx_argv_b1: clean(&servers.nginx_argv_b1),
         haproxy_conf: servers.haproxy_conf.clone(),
         haproxy_argv: clean(&servers.haproxy_argv),
+        fwd_argv: clean(&servers.fwd_argv),
         nft_ruleset: nft_ruleset(),
         daemon_config: super::daemon_config(),
         daemon_argv: clean(&daemon.argv),
