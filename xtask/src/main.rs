@@ -50,8 +50,9 @@ enum Cmd {
     /// Traffic client printing one JSON report (runs inside xlb-client).
     Probe(probe::ProbeArgs),
     /// Run every benchmark beside its baseline (in-kernel ns/packet, veth
-    /// Mpps, HTTP requests/s through xdplb vs no LB vs HAProxy vs nftables,
-    /// Maglev build and drain reaction time) and write docs/benchmarks.md
+    /// Mpps, HTTP requests/s through xdplb vs no LB vs HAProxy vs nftables
+    /// vs a bare XDP forwarder, Maglev build and drain reaction time) and
+    /// write docs/benchmarks.md
     /// and docs/benchmarks.png. Needs root.
     Bench(bench::BenchArgs),
     /// The drain benchmark's connection loop (runs inside xlb-client).
