@@ -95,6 +95,9 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_000_000;
 /// Egress interfaces reachable through `XLB_TX_PORTS` (XDP_REDIRECT).
 pub const MAX_TX_PORTS: u32 = 64;
+/// Backends of the benchmark's bare forwarder (`xlb_bench_fwd`, never
+/// loaded by the daemon): entries of its `XLB_BENCH_FWD_MACS`.
+pub const BENCH_FWD_BACKENDS: u32 = 16;
 /// Entries of `XLB_REASON_STATS`; larger than the reason list so reasons can
 /// be appended without resizing a pinned map.
 pub const REASON_SLOTS: u32 = 32;

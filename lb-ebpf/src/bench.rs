@@ -62,7 +62,7 @@ mod programs {
     };
     use lb_common::{
         flow_table::{bucket_pair, key_words, slot_hash},
-        FlowBucket, FlowKey, FlowValue, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+        FlowBucket, FlowKey, FlowValue, BENCH_FWD_BACKENDS, FAMILY_V4, PROTO_TCP, PROTO_UDP,
     };
 
     use crate::{
@@ -98,7 +98,7 @@ mod programs {
     /// `xlb_bench_fwd`'s backends: destination then source MAC, the first
     /// `XLB_BENCH_FWD_N` entries.
     #[map]
-    static XLB_BENCH_FWD_MACS: Array<[u8; 12]> = Array::with_max_entries(16, 0);
+    static XLB_BENCH_FWD_MACS: Array<[u8; 12]> = Array::with_max_entries(BENCH_FWD_BACKENDS, 0);
     #[unsafe(no_mangle)]
     static XLB_BENCH_FWD_N: u32 = 0;
     /// The forwarded address and port, as they lie in the packet.
@@ -373,10 +373,11 @@ mod programs {
         // SAFETY: ptr_at checked bounds (protocol, addresses, IHL).
         let (vihl, proto, src, dst) =
             unsafe { (*ip, *ip.add(9), load32::<12>(ip), load32::<16>(ip)) };
-        if proto != PROTO_TCP || dst != addr {
+        let ihl = usize::from(vihl & 0x0f);
+        if proto != PROTO_TCP || dst != addr || ihl < 5 {
             return None;
         }
-        let l4 = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + usize::from(vihl & 0x0f) * 4)?;
+        let l4 = ptr_at::<[u16; 2]>(ctx, EthHdr::LEN + ihl * 4)?;
         // SAFETY: ptr_at checked bounds.
         let (sport, dport) = unsafe { (load16::<0>(l4.cast()), load16::<2>(l4.cast())) };
         if dport != port {

@@ -397,16 +397,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// already up belongs to someone else (a test or demo in progress), and
 /// rebuilding it under them would break both.
 fn refuse_busy_topology() -> Result<()> {
-    let list = util::ip(&["netns", "list"]).context("listing network namespaces")?;
-    let ours: Vec<&str> = list
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| {
-            [topology::CLIENT_NS, topology::LB_NS, topology::SWITCH_NS].contains(n)
-                || n.strip_prefix("xlb-b")
-                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .collect();
+    let ours: Vec<String> = topology::our_namespaces()?.into_iter().collect();
     if !ours.is_empty() || Path::new(topology::STATE_DIR).exists() {
         bail!(
             "the test topology is already up ({}): another `cargo xtask test`, `demo` or \

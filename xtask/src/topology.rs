@@ -686,7 +686,7 @@ fn wait_server_ready(i: usize, child: &mut Child) -> Result<()> {
 }
 
 /// Namespaces whose names this module owns, as currently listed by `ip`.
-fn our_namespaces() -> Result<BTreeSet<String>> {
+pub fn our_namespaces() -> Result<BTreeSet<String>> {
     let out = ip(&["netns", "list"]).context("listing network namespaces")?;
     Ok(out
         .lines()

@@ -44,8 +44,8 @@ use clap::{Parser, Subcommand};
 use lb_common::{
     flow_table::{buckets_for, slots_for},
     globals, maglev, maps, programs, ring_chunk_index, ring_chunks_for, vip_index_slot, Backend,
-    Counters, RingChunk, VipEntry, VipInfo, VipKey, DEFAULT_RING_SIZE, EMPTY_SLOT, FAMILY_V4,
-    FLOW_WAYS, PROTO_TCP, PROTO_UDP, RING_CHUNK_SLOTS,
+    Counters, RingChunk, VipEntry, VipInfo, VipKey, BENCH_FWD_BACKENDS, DEFAULT_RING_SIZE,
+    EMPTY_SLOT, FAMILY_V4, FLOW_WAYS, PROTO_TCP, PROTO_UDP, RING_CHUNK_SLOTS,
 };
 use serde_json::{json, Value};
 use xdplb::{
@@ -92,14 +92,11 @@ mod bench {
     pub const JUMP: &str = "XLB_BENCH_JUMP";
     pub const PORTS: &str = "XLB_BENCH_PORTS";
     pub const COUNT: &str = "XLB_BENCH_COUNT";
-    /// `XLB_BENCH_COUNT` slots.
     pub const FWD_MACS: &str = "XLB_BENCH_FWD_MACS";
     pub const FWD_N: &str = "XLB_BENCH_FWD_N";
     pub const FWD_ADDR: &str = "XLB_BENCH_FWD_ADDR_BE";
     pub const FWD_PORT: &str = "XLB_BENCH_FWD_PORT_BE";
-    /// `XLB_BENCH_FWD_MACS`' size.
-    pub const FWD_MAX: usize = 16;
-
+    /// `XLB_BENCH_COUNT` slots.
     pub const COUNT_GEN: u32 = 0;
     pub const COUNT_SINK: u32 = 1;
 }
@@ -635,13 +632,15 @@ fn fwd(
     src_mac: MacAddr,
     backend_macs: &[MacAddr],
 ) -> Result<Value> {
-    ensure!(
-        backend_macs.len() <= bench::FWD_MAX,
-        "at most {} backends, got {}",
-        bench::FWD_MAX,
-        backend_macs.len()
-    );
-    let n = u32::try_from(backend_macs.len()).expect("at most FWD_MAX");
+    let n = u32::try_from(backend_macs.len())
+        .ok()
+        .filter(|n| *n <= BENCH_FWD_BACKENDS)
+        .with_context(|| {
+            format!(
+                "at most {BENCH_FWD_BACKENDS} backends, got {}",
+                backend_macs.len()
+            )
+        })?;
     // As the program loads them from the packet: network order in memory.
     let addr = u32::from_ne_bytes(vip.ip().octets());
     let port = u16::from_ne_bytes(vip.port().to_be_bytes());
@@ -654,7 +653,8 @@ fn fwd(
     let mut macs: Array<MapData, [u8; 12]> = Array::try_from(
         ebpf.take_map(bench::FWD_MACS)
             .ok_or_else(|| anyhow!("map {} is missing", bench::FWD_MACS))?,
-    )?;
+    )
+    .with_context(|| format!("map {}", bench::FWD_MACS))?;
     for (i, dst) in (0..).zip(backend_macs) {
         let mut pair = [0u8; 12];
         pair[..6].copy_from_slice(&dst.0);
@@ -664,7 +664,8 @@ fn fwd(
     let program: &mut Xdp = ebpf
         .program_mut(bench::FWD)
         .ok_or_else(|| anyhow!("program {} is missing", bench::FWD))?
-        .try_into()?;
+        .try_into()
+        .with_context(|| format!("program {} is not XDP", bench::FWD))?;
     program
         .load()
         .with_context(|| format!("verifying {}", bench::FWD))?;
