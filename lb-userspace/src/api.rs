@@ -72,6 +72,9 @@ pub struct VipStatus {
     pub port: u16,
     pub protocol: String,
     pub affinity: String,
+    /// `maglev` or `least-connections`.
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
     pub backends: usize,
     /// Backends currently in the ring.
     pub active_backends: usize,
@@ -137,6 +140,12 @@ pub struct VipAdd {
     pub name: Option<String>,
     #[serde(default)]
     pub affinity: Option<String>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+}
+
+fn default_scheduler() -> String {
+    crate::config::Scheduler::Maglev.as_str().to_owned()
 }
 
 /// `POST /v1/backends`.

@@ -95,6 +95,11 @@ pub enum VipCommand {
         /// How new connections are spread. Default: none.
         #[arg(long, value_enum)]
         affinity: Option<AffinityArg>,
+        /// How new connections are shared among the backends. Default:
+        /// maglev.
+        /// Not with `--affinity client-ip` (the daemon refuses it).
+        #[arg(long, value_enum)]
+        scheduler: Option<SchedulerArg>,
     },
     /// Delete a VIP and its backends: its traffic is no longer load balanced.
     #[command(visible_alias = "delete")]
@@ -232,6 +237,25 @@ pub enum AffinityArg {
     ClientIp,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulerArg {
+    /// Shares by weight (weighted Maglev), the same on every node.
+    Maglev,
+    /// Weighted Maglev with the weights adjusted every second by each
+    /// backend's active connections on this node: up to about twice its
+    /// weight's share for an idle backend, less for one above the average.
+    LeastConnections,
+}
+
+impl SchedulerArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            SchedulerArg::Maglev => crate::config::Scheduler::Maglev.as_str(),
+            SchedulerArg::LeastConnections => crate::config::Scheduler::LeastConnections.as_str(),
+        }
+    }
+}
+
 impl AffinityArg {
     fn as_str(self) -> &'static str {
         match self {
@@ -282,6 +306,7 @@ async fn execute(client: &Client, cmd: ClientCommand, output: Output) -> anyhow:
             protocol,
             name,
             affinity,
+            scheduler,
         }) => {
             let body = VipAdd {
                 address: address.to_string(),
@@ -289,6 +314,7 @@ async fn execute(client: &Client, cmd: ClientCommand, output: Output) -> anyhow:
                 protocol: protocol.as_str().to_owned(),
                 name,
                 affinity: affinity.map(|a| a.as_str().to_owned()),
+                scheduler: scheduler.map(|s| s.as_str().to_owned()),
             };
             let vip: VipStatus = client.post("/v1/vips", &body).await?;
             render(output, &vip, |v| render_vips(std::slice::from_ref(v)))?
@@ -806,6 +832,7 @@ fn render_vips(vips: &[VipStatus]) -> String {
         ("VIP", L),
         ("NAME", L),
         ("AFFINITY", L),
+        ("SCHEDULER", L),
         ("BACKENDS", R),
         ("IN RING", R),
         ("ACTIVE", R),
@@ -818,6 +845,7 @@ fn render_vips(vips: &[VipStatus]) -> String {
             v.vip.clone(),
             v.name.clone().unwrap_or_else(|| "-".to_owned()),
             v.affinity.clone(),
+            v.scheduler.clone(),
             v.backends.to_string(),
             v.active_backends.to_string(),
             v.active_connections.to_string(),
@@ -1161,8 +1189,27 @@ mod tests {
                 protocol: ProtocolArg::Udp,
                 name: Some("dns".to_owned()),
                 affinity: Some(AffinityArg::ClientIp),
+                scheduler: None,
             })
         );
+        let cli = parse(&[
+            "vip",
+            "add",
+            "10.0.0.1",
+            "80",
+            "tcp",
+            "--scheduler",
+            "least-connections",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            ClientCommand::Vip(VipCommand::Add {
+                scheduler: Some(SchedulerArg::LeastConnections),
+                ..
+            })
+        ));
+
         assert_eq!(cli.opts.output, Output::Table);
         let bad = parse(&["vip", "add", "10.0.0.1", "80", "tcp", "--name", "web front"])
             .unwrap_err()

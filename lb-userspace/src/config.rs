@@ -142,6 +142,8 @@ pub struct RawVip {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
@@ -191,6 +193,29 @@ pub enum Affinity {
     None,
     /// All connections of one client address go to one backend.
     ClientIp,
+}
+
+/// How a VIP's new flows are spread over its backends. Either way a flow
+/// stays on its backend through the flow table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Weighted Maglev: shares by weight alone, the same on every node
+    /// with the same configuration.
+    #[default]
+    Maglev,
+    /// Weighted Maglev whose weights the daemon adjusts every second by
+    /// the backends' active connections on this node (`state::lc_weights`,
+    /// `State::rebalance`).
+    LeastConnections,
+}
+
+impl Scheduler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::LeastConnections => "least-connections",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -291,6 +316,7 @@ pub struct Vip {
     pub port: u16,
     pub protocol: Protocol,
     pub affinity: Affinity,
+    pub scheduler: Scheduler,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -389,6 +415,8 @@ impl Config {
                         Affinity::None => None,
                         Affinity::ClientIp => Some("client-ip".to_string()),
                     },
+                    scheduler: (v.scheduler != Scheduler::Maglev)
+                        .then(|| v.scheduler.as_str().to_owned()),
                     health_check: self.raw_vip_health.get(i).cloned().flatten(),
                     backends: v
                         .backends
@@ -565,6 +593,24 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
                 ))
             }
         };
+        let scheduler = match v.scheduler.as_deref() {
+            None | Some("maglev") => Scheduler::Maglev,
+            Some("least-connections") => Scheduler::LeastConnections,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{at}.scheduler"),
+                    format!("{other:?} is not one of: maglev, least-connections"),
+                ))
+            }
+        };
+        if scheduler == Scheduler::LeastConnections && affinity == Affinity::ClientIp {
+            return Err(invalid(
+                format!("{at}.scheduler"),
+                "\"least-connections\" cannot be combined with affinity: client-ip: it moves \
+                 clients' new connections between backends as their loads change"
+                    .to_owned(),
+            ));
+        }
         if !seen_vips.insert((address, v.port, protocol)) {
             return Err(invalid(
                 at,
@@ -655,6 +701,7 @@ fn validate(raw: &RawConfig) -> Result<Config, FieldError> {
             port: v.port,
             protocol,
             affinity,
+            scheduler,
             backends,
         });
     }
@@ -811,6 +858,39 @@ vips:
         let c = Config::parse(GOOD, "a").unwrap();
         let text = serde_yaml::to_string(&c.to_raw()).unwrap();
         assert_eq!(Config::parse(&text, "b").unwrap(), c);
+        let lc = GOOD.replace(
+            "    protocol: udp\n",
+            "    protocol: udp\n    scheduler: least-connections\n",
+        );
+        let c = Config::parse(&lc, "a").unwrap();
+        assert_eq!(c.vips[0].scheduler, Scheduler::Maglev);
+        assert_eq!(c.vips[1].scheduler, Scheduler::LeastConnections);
+        let text = serde_yaml::to_string(&c.to_raw()).unwrap();
+        assert!(text.contains("scheduler: least-connections"), "{text}");
+        assert_eq!(Config::parse(&text, "b").unwrap(), c);
+    }
+
+    #[test]
+    fn scheduler_values_and_combinations() {
+        let e = err(&GOOD.replace(
+            "    protocol: udp\n",
+            "    protocol: udp\n    scheduler: lc\n",
+        ));
+        assert_eq!(
+            e,
+            "test.yaml: vips[1].scheduler: \"lc\" is not one of: maglev, least-connections"
+        );
+        let e = err(&GOOD.replace(
+            "    affinity: client-ip\n",
+            "    affinity: client-ip\n    scheduler: least-connections\n",
+        ));
+        assert!(
+            e.starts_with(
+                "test.yaml: vips[0].scheduler: \"least-connections\" cannot be combined with \
+                 affinity: client-ip"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub type Reply = Result<Value, Failure>;
 
 /// Shortest time between two flow-table sweeps.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// How often `least-connections` rings follow the active connections.
+pub const REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the API can ask of the state owner.
 #[derive(Debug)]
@@ -124,6 +126,8 @@ pub struct Daemon {
     started: Instant,
     /// Flow-table entries seen by the last sweep.
     flows: Option<u64>,
+    /// The last `rebalance` error, logged once until it changes or clears.
+    rebalance_error: Option<String>,
 }
 
 /// The mode `interface` is attached in (`how`, as `Dataplane::attach`
@@ -291,6 +295,7 @@ impl Daemon {
             mode,
             started: Instant::now(),
             flows: None,
+            rebalance_error: None,
         };
         d.sync_checks();
         Ok(d)
@@ -690,6 +695,7 @@ impl Daemon {
                         port: add.port,
                         protocol: add.protocol.clone(),
                         affinity: add.affinity.clone(),
+                        scheduler: add.scheduler.clone(),
                         health_check: None,
                         backends: Vec::new(),
                     });
@@ -838,6 +844,31 @@ impl Daemon {
                 }
             }
             Err(e) => tracing::error!("checking drains: {e}"),
+        }
+    }
+
+    /// Periodic work (`REBALANCE_INTERVAL`): the rings of
+    /// `least-connections` VIPs, from their backends' active connections.
+    pub fn rebalance(&mut self) {
+        match self.state.rebalance(&mut self.dp, &mut self.resolver) {
+            Ok(n) => {
+                if self.rebalance_error.take().is_some() {
+                    tracing::info!("least-connections: rings follow the connections again");
+                }
+                if n > 0 {
+                    tracing::debug!("least-connections: {n} rings rebuilt from active connections");
+                }
+            }
+            Err(e) => {
+                let msg = format!("{:#}", anyhow::Error::from(e));
+                if self.rebalance_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(
+                        "least-connections: rebuilding rings (retried every second, logged \
+                         again if the error changes): {msg}"
+                    );
+                    self.rebalance_error = Some(msg);
+                }
+            }
         }
     }
 

@@ -224,6 +224,9 @@ async fn run(
     tracing::info!("control API on {}", socket.display());
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut rebalance = tokio::time::interval(daemon::REBALANCE_INTERVAL);
+    // A slow rebalance is not followed by a burst of catch-up ones.
+    rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sweep = tokio::time::sleep(daemon::SWEEP_INTERVAL);
     tokio::pin!(sweep);
     loop {
@@ -237,6 +240,7 @@ async fn run(
                 Some(Event::Stop) | None => break,
             },
             _ = tick.tick() => daemon.tick(),
+            _ = rebalance.tick() => daemon.rebalance(),
             () = &mut sweep => {
                 let wait = daemon.sweep();
                 sweep.as_mut().reset(tokio::time::Instant::now() + wait);

@@ -423,6 +423,7 @@ mod tests {
             port,
             protocol: proto.to_owned(),
             affinity: "flow".to_owned(),
+            scheduler: "maglev".to_owned(),
             backends: 2,
             active_backends: 1,
             active_connections: 7,

@@ -33,7 +33,7 @@ use lb_common::{
 
 use crate::{
     api::{self, BackendState, Health},
-    config::{Affinity, Config, MacAddr, Vip},
+    config::{Affinity, Config, MacAddr, Scheduler, Vip},
     dataplane::{Dataplane, DataplaneError},
     netdev::{self, Interface, NetError},
 };
@@ -80,6 +80,9 @@ impl Resolver for SystemResolver {
 struct VipSlot {
     info: VipInfo,
     table: Vec<u32>,
+    /// What `table` was built from; None when adopted (the first apply
+    /// builds and writes the ring).
+    members: Option<Vec<maglev::Member>>,
 }
 
 /// A backend's runtime state, kept across applies while it stays in the
@@ -171,6 +174,60 @@ pub struct State {
     /// it: the datapath clock stands still while no daemon runs, so a flow
     /// adopted from pins is not expired for the time nobody was watching.
     clock_floor: u64,
+    /// Active connections of the backends of `least-connections` VIPs as
+    /// `rebalance` last read them (absent: 0); their rings are built from
+    /// these (`lc_weights`).
+    loads: HashMap<BackendKey, u64>,
+}
+
+/// Steps per unit of weight in `lc_weights`: a backend's factor is rounded
+/// to quarters, so a ring is rebuilt only when a share moves by that much,
+/// not at every connection.
+const LC_STEPS: f64 = 4.0;
+/// Connections that damp `lc_weights` at low counts: with a handful of
+/// connections in all, one more or less moves no factor by a quarter.
+const LC_DAMPING: f64 = 8.0;
+
+/// The Maglev weights of a `least-connections` VIP's backends in the ring,
+/// from their configured weights and active connections (`(weight,
+/// active)`, weights > 0). With `L` a backend's connections scaled to the
+/// average weight (`active * mean weight / weight`), `M` the average
+/// connections per backend and `D` = `LC_DAMPING`, a backend's weight is
+/// multiplied by `(2M + D) / (L + M + D)`: 1 when each backend's
+/// connections are in proportion to its weight (then the ring is the one
+/// `maglev` builds: a common factor leaves a Maglev table unchanged),
+/// towards 2 for an idle backend and 2/3 for one at twice the average as
+/// the counts grow past `D`, never 0 (each backend keeps some new flows,
+/// so its count stays current), and the same for weights 1:1 as for
+/// 100:100. Bounded rather than "always the least loaded": the counts are
+/// up to a second old, and sending every new flow to one backend for a
+/// second would overshoot.
+pub fn lc_weights(members: &[(u32, u64)]) -> Vec<u32> {
+    if members.is_empty() {
+        return Vec::new();
+    }
+    #[expect(clippy::cast_precision_loss, reason = "backend and connection counts")]
+    let (n, total) = (
+        members.len() as f64,
+        members.iter().map(|&(_, a)| a as f64).sum::<f64>(),
+    );
+    let mean_weight = members.iter().map(|&(w, _)| f64::from(w)).sum::<f64>() / n;
+    let mean = total / n;
+    members
+        .iter()
+        .map(|&(w, a)| {
+            #[expect(clippy::cast_precision_loss, reason = "connection counts")]
+            let load = a as f64 * mean_weight / f64::from(w.max(1));
+            let factor = (2.0 * mean + LC_DAMPING) / (load + mean + LC_DAMPING);
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "factor is in (0, 2): at most 2 * LC_STEPS"
+            )]
+            let steps = ((factor * LC_STEPS).round() as u32).max(1);
+            w.saturating_mul(steps)
+        })
+        .collect()
 }
 
 fn filter_bitmap<'a>(keys: impl Iterator<Item = &'a VipKey>) -> Vec<u64> {
@@ -244,6 +301,7 @@ impl State {
                 VipSlot {
                     info,
                     table: Vec::new(),
+                    members: None,
                 },
             );
             self.next_vip_id = self.next_vip_id.max(info.id + 1);
@@ -430,6 +488,9 @@ impl State {
                 },
             };
             let mut maglev_members = Vec::with_capacity(members.len());
+            // `least-connections`: (member, weight, active) of the backends
+            // in the ring.
+            let mut lc: Vec<(usize, u32, u64)> = Vec::new();
             for Planned {
                 address,
                 weight,
@@ -505,6 +566,13 @@ impl State {
                 } else {
                     0
                 };
+                if vip.scheduler == Scheduler::LeastConnections && effective > 0 {
+                    lc.push((
+                        maglev_members.len(),
+                        effective,
+                        self.loads.get(&(*key, *address)).copied().unwrap_or(0),
+                    ));
+                }
                 maglev_members.push(maglev::Member {
                     identity: address.to_string().into_bytes(),
                     weight: effective,
@@ -512,12 +580,22 @@ impl State {
                 });
                 new_backends.insert((*key, *address), slot);
             }
-            let table = maglev::build(&maglev_members, settings.ring_size).map_err(|source| {
-                ApplyError::Maglev {
-                    vip: vip.label(),
-                    source,
-                }
-            })?;
+            let inputs: Vec<(u32, u64)> = lc.iter().map(|&(_, w, a)| (w, a)).collect();
+            for ((i, _, _), w) in lc.iter().zip(lc_weights(&inputs)) {
+                maglev_members[*i].weight = w;
+            }
+            // The same members build the same table: a change elsewhere
+            // (another VIP, a `least-connections` rebalance) rebuilds only
+            // the rings it touches.
+            let table = match self.vips.get(key) {
+                Some(old) if old.members.as_ref() == Some(&maglev_members) => old.table.clone(),
+                _ => maglev::build(&maglev_members, settings.ring_size).map_err(|source| {
+                    ApplyError::Maglev {
+                        vip: vip.label(),
+                        source,
+                    }
+                })?,
+            };
             let flags = match vip.affinity {
                 Affinity::None => 0,
                 Affinity::ClientIp => VIP_F_AFFINITY_CLIENT_IP,
@@ -537,7 +615,11 @@ impl State {
                     if ring_changed || info != old.info {
                         to_swap.push((*key, info, ring_changed.then(|| table.clone())));
                     }
-                    VipSlot { info, table }
+                    VipSlot {
+                        info,
+                        table,
+                        members: Some(maglev_members),
+                    }
                 }
                 None => {
                     let info = VipInfo {
@@ -548,7 +630,11 @@ impl State {
                     };
                     summary.vips_added += 1;
                     to_swap.push((*key, info, Some(table.clone())));
-                    VipSlot { info, table }
+                    VipSlot {
+                        info,
+                        table,
+                        members: Some(maglev_members),
+                    }
                 }
             };
             new_vips.insert(*key, slot);
@@ -662,6 +748,62 @@ impl State {
             .clone()
             .expect("applied before any runtime change");
         self.apply(dp, &cfg, resolver)
+    }
+
+    /// `least-connections`: reads the active connections of those VIPs'
+    /// backends and, where that changes their Maglev weights
+    /// (`lc_weights`), re-applies, which swaps the rings that changed.
+    /// Established flows stay where the flow table has them. Returns the
+    /// rings swapped.
+    pub fn rebalance(
+        &mut self,
+        dp: &mut Dataplane,
+        resolver: &mut dyn Resolver,
+    ) -> Result<usize, ApplyError> {
+        let Some(cfg) = &self.config else {
+            return Ok(0);
+        };
+        let mut loads = HashMap::new();
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for vip in cfg
+            .vips
+            .iter()
+            .filter(|v| v.scheduler == Scheduler::LeastConnections)
+        {
+            let key = vip_key(vip);
+            let mut old = Vec::new();
+            let mut new = Vec::new();
+            for b in &vip.backends {
+                let Some(slot) = self.backends.get(&(key, b.address)) else {
+                    continue;
+                };
+                if !slot.runtime.in_ring(b.weight) {
+                    continue;
+                }
+                let c = dp.backend_counters(slot.id).map_err(ApplyError::from)?;
+                let active = self.active(dp, slot.id, &c).map_err(ApplyError::from)?;
+                loads.insert((key, b.address), active);
+                let was = self.loads.get(&(key, b.address)).copied().unwrap_or(0);
+                old.push((b.weight, was));
+                new.push((b.weight, active));
+            }
+            before.push(lc_weights(&old));
+            after.push(lc_weights(&new));
+        }
+        if before == after {
+            // Same rings: keep the counts current for the next comparison.
+            self.loads = loads;
+            return Ok(0);
+        }
+        let old = std::mem::replace(&mut self.loads, loads);
+        match self.reapply(dp, resolver) {
+            Ok(summary) => Ok(summary.rings_swapped),
+            Err(e) => {
+                self.loads = old;
+                Err(e)
+            }
+        }
     }
 
     pub fn runtime(&self, key: &BackendKey) -> Option<Runtime> {
@@ -862,6 +1004,7 @@ impl State {
                         Affinity::None => "none".into(),
                         Affinity::ClientIp => "client-ip".into(),
                     },
+                    scheduler: vip.scheduler.as_str().to_owned(),
                     backends: mine.len(),
                     active_backends: vip
                         .backends
@@ -898,5 +1041,59 @@ impl State {
         self.backends
             .get(&(vip_key(vip), address))
             .map(|s| (s.id, s.entry.generation))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lc_weights;
+
+    #[test]
+    fn loads_in_proportion_keep_the_weighted_shares() {
+        // A common factor of LC_STEPS: the same Maglev table as the
+        // weights themselves.
+        assert_eq!(lc_weights(&[(1, 0), (1, 0), (2, 0)]), [4, 4, 8]);
+        assert_eq!(lc_weights(&[(1, 50), (1, 50), (2, 100)]), [4, 4, 8]);
+    }
+
+    #[test]
+    fn fewer_connections_get_more_of_the_new_flows() {
+        // b3 just added beside two backends holding 20 connections each.
+        let w = lc_weights(&[(1, 20), (1, 20), (1, 0)]);
+        assert_eq!(w, [3, 3, 7]);
+        // Bounded: an idle backend gets less than twice its weight's
+        // factor, one at twice the average about 2/3 of it.
+        assert_eq!(lc_weights(&[(1, 0), (1, 1_000_000)]), [8, 3]);
+        // Never 0: all of 20 backends' connections on one.
+        let mut m = vec![(1, 0); 19];
+        m.push((1, 1_000_000));
+        assert_eq!(lc_weights(&m).last(), Some(&1));
+        // Per unit of weight: 10 connections on weight 1 load it as much as
+        // 20 on weight 2.
+        let w = lc_weights(&[(1, 10), (2, 20), (1, 0)]);
+        assert_eq!(w[1], 2 * w[0]);
+    }
+
+    #[test]
+    fn the_weights_scale_does_not_matter() {
+        let base = lc_weights(&[(1, 20), (1, 20), (1, 0)]);
+        for k in [10, 100, 1000] {
+            let scaled = lc_weights(&[(k, 20), (k, 20), (k, 0)]);
+            assert_eq!(scaled, base.iter().map(|w| w * k).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_few_connections_move_nothing() {
+        for loads in [[1, 0, 0], [1, 1, 0], [2, 1, 1], [2, 2, 2]] {
+            let m: Vec<(u32, u64)> = loads.iter().map(|&a| (1, a)).collect();
+            assert_eq!(lc_weights(&m), [4, 4, 4], "{loads:?}");
+        }
+    }
+
+    #[test]
+    fn one_backend_and_none() {
+        assert_eq!(lc_weights(&[(5, 123)]), [20]);
+        assert!(lc_weights(&[]).is_empty());
     }
 }

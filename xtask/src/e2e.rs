@@ -94,6 +94,7 @@ pub struct VipSpec {
     pub port: u16,
     pub proto: &'static str,
     pub affinity: Option<&'static str>,
+    pub scheduler: Option<&'static str>,
     /// The VIP's `health_check:` as a YAML flow mapping, e.g.
     /// `{type: tcp, interval_ms: 200}`.
     pub health_check: Option<String>,
@@ -112,6 +113,7 @@ impl VipSpec {
             port,
             proto,
             affinity: None,
+            scheduler: None,
             health_check: None,
             backends: weights
                 .iter()
@@ -148,6 +150,9 @@ pub fn config_yaml(vips: &[VipSpec]) -> String {
         ));
         if let Some(a) = v.affinity {
             y.push_str(&format!("    affinity: {a}\n"));
+        }
+        if let Some(s) = v.scheduler {
+            y.push_str(&format!("    scheduler: {s}\n"));
         }
         if let Some(h) = &v.health_check {
             y.push_str(&format!("    health_check: {h}\n"));
@@ -532,7 +537,7 @@ fn check_long(
 }
 
 /// `b1=3 b2=4` for a count per backend.
-fn spread(per_backend: &BTreeMap<String, usize>) -> String {
+pub(super) fn spread(per_backend: &BTreeMap<String, usize>) -> String {
     per_backend
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -953,7 +958,7 @@ pub fn run_all() -> Result<(usize, usize)> {
     }
 
     type Scenario = fn(&Ctx) -> Result<String>;
-    let singles: [(&str, Scenario); 14] = [
+    let singles: [(&str, Scenario); 15] = [
         ("affinity_client_ip", affinity_client_ip),
         ("sticky_while_backend_added", sticky_while_backend_added),
         ("reload_rejects_bad_config", reload_rejects_bad_config),
@@ -961,6 +966,10 @@ pub fn run_all() -> Result<(usize, usize)> {
         ("health_down_and_back", control::health_down_and_back),
         ("drain_keeps_established", control::drain_keeps_established),
         ("connection_counts", control::connection_counts),
+        (
+            "least_connections_fills_a_new_backend",
+            control::least_connections_fills_a_new_backend,
+        ),
         ("restart_under_traffic", control::restart_under_traffic),
         (
             "migrate_flow_table_under_traffic",

@@ -363,6 +363,98 @@ pub(super) fn drain_keeps_established(ctx: &Ctx) -> Result<String> {
     ))
 }
 
+/// `scheduler: least-connections`: b3 joins b1 and b2 while they hold 40
+/// connections, and new connections then go to b3 more than its third
+/// (the reload builds the ring from the counts the last rebalance read);
+/// the 40 stay where they are. Once they have closed, a rebalance with no
+/// change to the configuration gives the thirds back.
+pub(super) fn least_connections_fills_a_new_backend(ctx: &Ctx) -> Result<String> {
+    let mut spec = VipSpec::new(false, PORT, "tcp", &[(1, 1), (2, 1)]);
+    spec.scheduler = Some("least-connections");
+    let (path, mut daemon) = start(ctx, "least-conns", &spec)?;
+    let vip = spec.label();
+    let target = spec.target();
+
+    // 40 connections for about 8 s (200 rounds, 40 ms apart).
+    let mut long = LongProbe::start(ctx, "least-conns", &target, 40, 200, 40)?;
+    let held = wait_active(ctx, &vip, 40, "with 40 open")?;
+    // One rebalance (every second) reads the counts before b3 joins.
+    thread::sleep(LC_SETTLE);
+    spec.backends.push((topology::backend_addr4(3), 1));
+    write_config(&path, std::slice::from_ref(&spec))?;
+    daemon.reload().context("reloading with b3 added")?;
+    let (busy, b3) = lc_probe(&target)?;
+    ensure!(
+        long.running()?,
+        "the 40 held connections ended before the new ones were made (timing assumption of \
+         this test broken)"
+    );
+    // By weight alone b3 would get a third (267 of 800, give or take 13);
+    // by `lc_weights` 7 / 13 with b1 and b2 at 20 each, half at 24 and 16
+    // or 30 and 10.
+    ensure!(
+        b3 >= 42,
+        "b3 (no connections) answered {b3} % of {} new connections, want at least 42 % with \
+         b1 and b2 holding 40: {}; backends: {}",
+        busy.count,
+        names(&busy),
+        rows_brief(&held)
+    );
+    let per_backend = long.finish_checked(Duration::from_secs(60));
+    let per_backend = per_backend.context("held connections broke or moved when b3 joined")?;
+
+    wait_active(ctx, &vip, 0, "after all closed")?;
+    thread::sleep(LC_SETTLE);
+    let (idle, b3_idle) = lc_probe(&target)?;
+    daemon.stop()?;
+    ensure!(
+        b3_idle <= 42,
+        "with no connection left b3 still answered {b3_idle} % of {} new connections (a \
+         third by weight): the rebalance did not give the shares back: {}",
+        idle.count,
+        names(&idle)
+    );
+    Ok(format!(
+        "40 held connections: {}; {LC_SHORT} new connections after b3 joined: {} (b3 {b3} %); \
+         after the 40 closed: {} (b3 {b3_idle} %)",
+        super::spread(&per_backend),
+        names(&busy),
+        names(&idle)
+    ))
+}
+
+/// New connections per phase of `least_connections_fills_a_new_backend`.
+const LC_SHORT: usize = 800;
+/// Long enough for one rebalance (every second) to read the counts.
+const LC_SETTLE: Duration = Duration::from_millis(1500);
+
+/// `LC_SHORT` new connections, all answered, and b3's share of them in
+/// percent. One at a time: a rebalance during the probe then sees at most
+/// one of them open, and the shares are those the held connections make.
+fn lc_probe(target: &str) -> Result<(ShortReport, usize)> {
+    let n = LC_SHORT.to_string();
+    let args = ["--target", target, "--count", &n, "--concurrency", "1"];
+    let report: ShortReport = crate::probe::run_in_client(&args)
+        .with_context(|| format!("running {n} tcp probes to {target}, one at a time"))?;
+    all_answered(&report)?;
+    let b3 = report.per_backend.get("b3").copied().unwrap_or(0);
+    Ok((report, b3 * 100 / LC_SHORT))
+}
+
+/// Waits (`COUNT_LIMIT`) until the VIP's backends show `n` active
+/// connections in all; `what` says why, for the error. Returns the rows.
+fn wait_active(ctx: &Ctx, vip: &str, n: u64, what: &str) -> Result<Vec<BackendRow>> {
+    let (rows, _) = wait_rows(
+        ctx,
+        vip,
+        &format!("{n} active connections {what}"),
+        POLL,
+        COUNT_LIMIT,
+        |rows| total_active(rows) == n,
+    )?;
+    Ok(rows)
+}
+
 pub(super) fn connection_counts(ctx: &Ctx) -> Result<String> {
     let spec = checked_vip(&[1, 2, 3]);
     let (_, daemon) = start(ctx, "counts", &spec)?;
