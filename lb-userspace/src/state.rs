@@ -677,6 +677,13 @@ impl State {
                 summary.rings_swapped += 1;
             }
             dp.set_vip(key, info)?;
+            // Flipped: if a later write fails, the next apply must see this
+            // ring as the live one, or it would write its next table into
+            // the ring the datapath reads. (A new VIP is not recorded: the
+            // next apply gives it the same id again, from the same state.)
+            if !is_new {
+                self.vips.insert(*key, new_vips[key].clone());
+            }
         }
 
         // 4. Backends that went down: only now, with rings that exclude them.
