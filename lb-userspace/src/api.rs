@@ -62,6 +62,11 @@ pub struct BackendStatus {
     /// Flows that ended: FIN/RST seen, idle expiry, or moved off a down backend.
     pub closed_flows: u64,
     pub mac: String,
+    /// Share of the VIP's ring slots (0 to 1): of the VIP's new flows, the
+    /// share this backend gets (by weight, or with `least-connections` by
+    /// weight and connections); 0 out of the ring.
+    #[serde(default)]
+    pub ring_share: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

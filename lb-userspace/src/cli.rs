@@ -800,6 +800,7 @@ fn render_backends(backends: &[BackendStatus]) -> String {
         ("VIP", L),
         ("BACKEND", L),
         ("WEIGHT", R),
+        ("SHARE", R),
         ("STATE", L),
         ("HEALTH", L),
         ("ACTIVE", R),
@@ -812,6 +813,7 @@ fn render_backends(backends: &[BackendStatus]) -> String {
             b.vip.clone(),
             b.address.to_string(),
             b.weight.to_string(),
+            format!("{:.1}%", b.ring_share * 100.0),
             b.state.as_str().to_owned(),
             health_name(b.health).to_owned(),
             b.active_connections.to_string(),
@@ -976,6 +978,7 @@ mod tests {
             new_flows: 42,
             closed_flows: 39,
             mac: "02:00:00:00:00:11".to_owned(),
+            ring_share: 0.5,
         }
     }
 
@@ -986,8 +989,8 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "VIP                    BACKEND      WEIGHT  STATE   HEALTH  ACTIVE  PACKETS    BYTES  NEW FLOWS",
-                "10.200.100.1:8080/tcp  10.200.0.11       2  active  up           3     1234  1.5 MiB         42",
+                "VIP                    BACKEND      WEIGHT  SHARE  STATE   HEALTH  ACTIVE  PACKETS    BYTES  NEW FLOWS",
+                "10.200.100.1:8080/tcp  10.200.0.11       2  50.0%  active  up           3     1234  1.5 MiB         42",
             ]
         );
         assert!(table.ends_with('\n'));

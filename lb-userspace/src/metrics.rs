@@ -191,6 +191,14 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
+            "backend_ring_share",
+            "Share of the VIP's ring slots the backend holds (0 to 1), the share of new flows \
+             it gets; 0 out of the ring",
+            None,
+            per_backend(backends, |b| ConstGauge::new(b.ring_share)),
+        )?;
+        family(
+            e,
             "backend_up",
             "Whether the backend is up (0 only when its health check failed)",
             None,
@@ -412,6 +420,7 @@ mod tests {
             new_flows: 10 + n,
             closed_flows: 5 + n,
             mac: "02:00:00:00:00:01".to_owned(),
+            ring_share: 0.25,
         }
     }
 
@@ -484,6 +493,7 @@ mod tests {
             format!("xdplb_backend_closed_flows_total{{{b4}}} 8"),
             format!("xdplb_backend_active_connections{{{b4}}} 4"),
             format!("xdplb_backend_weight{{{b4}}} 103"),
+            format!("xdplb_backend_ring_share{{{b4}}} 0.25"),
             format!("xdplb_backend_up{{{b4}}} 1"),
             format!("xdplb_backend_up{{{down}}} 0"),
             format!("xdplb_backend_up{{{draining}}} 1"),
@@ -532,7 +542,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(types.len(), 17, "{text}");
+        assert_eq!(types.len(), 18, "{text}");
         for name in types {
             let help = text
                 .lines()

@@ -83,6 +83,17 @@ struct VipSlot {
     /// What `table` was built from; None when adopted (the first apply
     /// builds and writes the ring).
     members: Option<Vec<maglev::Member>>,
+    /// Slots of `table` per backend id.
+    slots: HashMap<u32, u32>,
+}
+
+/// Slots of a Maglev table per backend id.
+fn slot_counts(table: &[u32]) -> HashMap<u32, u32> {
+    let mut counts = HashMap::new();
+    for &id in table {
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// A backend's runtime state, kept across applies while it stays in the
@@ -302,6 +313,7 @@ impl State {
                     info,
                     table: Vec::new(),
                     members: None,
+                    slots: HashMap::new(),
                 },
             );
             self.next_vip_id = self.next_vip_id.max(info.id + 1);
@@ -617,6 +629,7 @@ impl State {
                     }
                     VipSlot {
                         info,
+                        slots: slot_counts(&table),
                         table,
                         members: Some(maglev_members),
                     }
@@ -632,6 +645,7 @@ impl State {
                     to_swap.push((*key, info, Some(table.clone())));
                     VipSlot {
                         info,
+                        slots: slot_counts(&table),
                         table,
                         members: Some(maglev_members),
                     }
@@ -953,9 +967,11 @@ impl State {
             if only.is_some_and(|o| *o != key) {
                 continue;
             }
+            let ring = &self.vips[&key];
             for b in &vip.backends {
                 let slot = &self.backends[&(key, b.address)];
                 let c = dp.backend_counters(slot.id)?;
+                let slots = ring.slots.get(&slot.id).copied().unwrap_or(0);
                 out.push(api::BackendStatus {
                     vip: vip.label(),
                     address: b.address,
@@ -969,6 +985,7 @@ impl State {
                     new_flows: c.new_flows,
                     closed_flows: c.closed_flows + dp.backend_expired(slot.id)?,
                     mac: MacAddr(slot.entry.dst_mac).to_string(),
+                    ring_share: f64::from(slots) / (ring.table.len().max(1) as f64),
                 });
             }
         }

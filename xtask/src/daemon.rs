@@ -468,7 +468,7 @@ impl CtlOutput {
 }
 
 /// One row of `xdplb backend list -o json`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct BackendRow {
     pub vip: String,
     pub address: String,
@@ -484,6 +484,9 @@ pub struct BackendRow {
     pub new_flows: u64,
     pub closed_flows: u64,
     pub mac: String,
+    /// Share of the VIP's ring slots, 0 to 1.
+    #[serde(default)]
+    pub ring_share: f64,
 }
 
 impl BackendRow {

@@ -383,6 +383,8 @@ pub(super) fn least_connections_fills_a_new_backend(ctx: &Ctx) -> Result<String>
     spec.backends.push((topology::backend_addr4(3), 1));
     write_config(&path, std::slice::from_ref(&spec))?;
     daemon.reload().context("reloading with b3 added")?;
+    let b3_addr = topology::backend_addr4(3);
+    let share_busy = row(&ctx.ctl.backends(&vip)?, &b3_addr)?.ring_share;
     let (busy, b3) = lc_probe(&target)?;
     ensure!(
         long.running()?,
@@ -391,7 +393,15 @@ pub(super) fn least_connections_fills_a_new_backend(ctx: &Ctx) -> Result<String>
     );
     // By weight alone b3 would get a third (267 of 800, give or take 13);
     // by `lc_weights` 7 / 13 with b1 and b2 at 20 each, half at 24 and 16
-    // or 30 and 10.
+    // or 30 and 10: the ring's share exactly (within Maglev's 1 %), the
+    // answers within their sampling.
+    ensure!(
+        share_busy >= 0.45,
+        "b3 (no connections) holds {:.1} % of the ring with b1 and b2 holding 40, want at \
+         least 45 %; backends: {}",
+        share_busy * 100.0,
+        rows_brief(&held)
+    );
     ensure!(
         b3 >= 42,
         "b3 (no connections) answered {b3} % of {} new connections, want at least 42 % with \
@@ -405,8 +415,15 @@ pub(super) fn least_connections_fills_a_new_backend(ctx: &Ctx) -> Result<String>
 
     wait_active(ctx, &vip, 0, "after all closed")?;
     thread::sleep(LC_SETTLE);
+    let share_idle = row(&ctx.ctl.backends(&vip)?, &b3_addr)?.ring_share;
     let (idle, b3_idle) = lc_probe(&target)?;
     daemon.stop()?;
+    ensure!(
+        (0.32..=0.35).contains(&share_idle),
+        "with no connection left b3 holds {:.1} % of the ring, want a third (by weight): the \
+         rebalance did not give the shares back",
+        share_idle * 100.0
+    );
     ensure!(
         b3_idle <= 42,
         "with no connection left b3 still answered {b3_idle} % of {} new connections (a \
@@ -415,10 +432,13 @@ pub(super) fn least_connections_fills_a_new_backend(ctx: &Ctx) -> Result<String>
         names(&idle)
     );
     Ok(format!(
-        "40 held connections: {}; {LC_SHORT} new connections after b3 joined: {} (b3 {b3} %); \
-         after the 40 closed: {} (b3 {b3_idle} %)",
+        "40 held connections: {}; after b3 joined it held {:.1} % of the ring and answered \
+         {LC_SHORT} new connections {} (b3 {b3} %); after the 40 closed {:.1} % and {} (b3 \
+         {b3_idle} %)",
         super::spread(&per_backend),
+        share_busy * 100.0,
         names(&busy),
+        share_idle * 100.0,
         names(&idle)
     ))
 }
