@@ -189,6 +189,10 @@ pub struct State {
     /// `rebalance` last read them (absent: 0); their rings are built from
     /// these (`lc_weights`).
     loads: HashMap<BackendKey, u64>,
+    /// The last `rebalance` re-apply failed: the next one re-applies even
+    /// if the weights look unchanged (some rings may have flipped to them,
+    /// others not).
+    lc_retry: bool,
 }
 
 /// Steps per unit of weight in `lc_weights`: a backend's factor is rounded
@@ -599,14 +603,21 @@ impl State {
             // The same members build the same table: a change elsewhere
             // (another VIP, a `least-connections` rebalance) rebuilds only
             // the rings it touches.
-            let table = match self.vips.get(key) {
-                Some(old) if old.members.as_ref() == Some(&maglev_members) => old.table.clone(),
-                _ => maglev::build(&maglev_members, settings.ring_size).map_err(|source| {
-                    ApplyError::Maglev {
-                        vip: vip.label(),
-                        source,
-                    }
-                })?,
+            let (table, slots) = match self.vips.get(key) {
+                Some(old) if old.members.as_ref() == Some(&maglev_members) => {
+                    (old.table.clone(), old.slots.clone())
+                }
+                _ => {
+                    let table =
+                        maglev::build(&maglev_members, settings.ring_size).map_err(|source| {
+                            ApplyError::Maglev {
+                                vip: vip.label(),
+                                source,
+                            }
+                        })?;
+                    let slots = slot_counts(&table);
+                    (table, slots)
+                }
             };
             let flags = match vip.affinity {
                 Affinity::None => 0,
@@ -629,7 +640,7 @@ impl State {
                     }
                     VipSlot {
                         info,
-                        slots: slot_counts(&table),
+                        slots,
                         table,
                         members: Some(maglev_members),
                     }
@@ -645,7 +656,7 @@ impl State {
                     to_swap.push((*key, info, Some(table.clone())));
                     VipSlot {
                         info,
-                        slots: slot_counts(&table),
+                        slots,
                         table,
                         members: Some(maglev_members),
                     }
@@ -693,8 +704,11 @@ impl State {
             dp.set_vip(key, info)?;
             // Flipped: if a later write fails, the next apply must see this
             // ring as the live one, or it would write its next table into
-            // the ring the datapath reads. (A new VIP is not recorded: the
-            // next apply gives it the same id again, from the same state.)
+            // the ring the datapath reads. A new VIP is not recorded (its id
+            // and backend ids are not taken from the free lists until the
+            // apply succeeds): if a write after its entry fails and the
+            // configuration that added it is not applied again, its entry
+            // stays in the maps until a restart adopts and removes it.
             if !is_new {
                 self.vips.insert(*key, new_vips[key].clone());
             }
@@ -812,19 +826,15 @@ impl State {
             before.push(lc_weights(&old));
             after.push(lc_weights(&new));
         }
-        if before == after {
-            // Same rings: keep the counts current for the next comparison.
-            self.loads = loads;
+        // Keep the counts current for the next comparison, and for any
+        // apply in between.
+        self.loads = loads;
+        if before == after && !self.lc_retry {
             return Ok(0);
         }
-        let old = std::mem::replace(&mut self.loads, loads);
-        match self.reapply(dp, resolver) {
-            Ok(summary) => Ok(summary.rings_swapped),
-            Err(e) => {
-                self.loads = old;
-                Err(e)
-            }
-        }
+        let result = self.reapply(dp, resolver);
+        self.lc_retry = result.is_err();
+        Ok(result?.rings_swapped)
     }
 
     pub fn runtime(&self, key: &BackendKey) -> Option<Runtime> {
