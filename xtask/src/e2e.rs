@@ -67,6 +67,16 @@ impl Drop for TopologyGuard {
 /// `count` short flows from the client to `target` (`IP:PORT`, v6 in
 /// brackets), each a new socket.
 pub fn probe_short(target: &str, proto: &str, count: usize) -> Result<ShortReport> {
+    probe_short_with(target, proto, count, probe::DEFAULT_CONCURRENCY)
+}
+
+/// `probe_short` with `concurrency` flows in flight at a time.
+pub fn probe_short_with(
+    target: &str,
+    proto: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<ShortReport> {
     probe::run_in_client(&[
         "--target",
         target,
@@ -74,8 +84,10 @@ pub fn probe_short(target: &str, proto: &str, count: usize) -> Result<ShortRepor
         proto,
         "--count",
         &count.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
     ])
-    .with_context(|| format!("running {count} {proto} probes to {target}"))
+    .with_context(|| format!("running {count} {proto} probes to {target}, {concurrency} at a time"))
 }
 
 /// `ADDR:PORT`, with IPv6 addresses in brackets.

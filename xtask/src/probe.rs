@@ -35,6 +35,9 @@ pub enum Proto {
     Udp,
 }
 
+/// Worker threads of a `--count` run unless `--concurrency` says.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
     /// Destination, `IP:PORT` or `[IPv6]:PORT`.
@@ -46,7 +49,7 @@ pub struct ProbeArgs {
     #[arg(long, required_unless_present = "long", conflicts_with = "long")]
     pub count: Option<usize>,
     /// Worker threads for `--count`.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     /// Timeout for connect and for each reply, in milliseconds.
     #[arg(long, default_value_t = 2000)]

@@ -298,16 +298,28 @@ pub fn add_forwarder_host(backends: usize) -> Result<()> {
     wait_not_tentative(FWD_NS)
 }
 
+/// `ip -j link show dev DEV` in namespace `ns`: the link's JSON object.
+fn link_json(ns: &str, dev: &str) -> Result<serde_json::Value> {
+    let out = ip(&["-n", ns, "-j", "link", "show", "dev", dev])?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link show`: {out}"))?;
+    v.get_mut(0)
+        .map(serde_json::Value::take)
+        .with_context(|| format!("`ip -j link show dev {dev}` in {ns} listed nothing"))
+}
+
 /// The MAC address of `eth0` in namespace `ns`.
 pub fn mac_of(ns: &str) -> Result<String> {
-    let out = ip(&["-n", ns, "-j", "link", "show", "dev", LB_IF])?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link show`: {out}"))?;
-    v.get(0)
-        .and_then(|l| l.get("address"))
+    let link = link_json(ns, LB_IF)?;
+    link.get("address")
         .and_then(serde_json::Value::as_str)
         .map(str::to_owned)
-        .with_context(|| format!("no address for {LB_IF} in {ns}: {out}"))
+        .with_context(|| format!("no address for {LB_IF} in {ns}: {link}"))
+}
+
+/// Whether `dev` in namespace `ns` has an XDP program attached.
+pub fn has_xdp(ns: &str, dev: &str) -> Result<bool> {
+    Ok(link_json(ns, dev)?.get("xdp").is_some())
 }
 
 fn create_netns(ns: &str) -> Result<()> {
@@ -497,8 +509,7 @@ fn attach_pass_programs(all: &[Host]) -> Result<()> {
 }
 
 fn port_has_xdp(port: &str) -> Result<bool> {
-    let out = ip(&["-n", SWITCH_NS, "-d", "link", "show", "dev", port])?;
-    Ok(out.contains("prog/xdp"))
+    has_xdp(SWITCH_NS, port)
 }
 
 fn wait_not_tentative(ns: &str) -> Result<()> {

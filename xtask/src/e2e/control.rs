@@ -18,8 +18,8 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use super::{
-    all_answered, names, probe_short, write_config, Ctx, LongProbe, VipSpec, E2E_BPFFS,
-    E2E_RESTART_BPFFS, PORT,
+    all_answered, names, probe_short, probe_short_with, write_config, Ctx, LongProbe, VipSpec,
+    E2E_BPFFS, E2E_RESTART_BPFFS, PORT,
 };
 use crate::{
     daemon::{BackendRow, CtlOutput, Daemon, DaemonOptions, ExitStats},
@@ -452,10 +452,7 @@ const LC_SETTLE: Duration = Duration::from_millis(1500);
 /// percent. One at a time: a rebalance during the probe then sees at most
 /// one of them open, and the shares are those the held connections make.
 fn lc_probe(target: &str) -> Result<(ShortReport, usize)> {
-    let n = LC_SHORT.to_string();
-    let args = ["--target", target, "--count", &n, "--concurrency", "1"];
-    let report: ShortReport = crate::probe::run_in_client(&args)
-        .with_context(|| format!("running {n} tcp probes to {target}, one at a time"))?;
+    let report = probe_short_with(target, "tcp", LC_SHORT, 1)?;
     all_answered(&report)?;
     let b3 = report.per_backend.get("b3").copied().unwrap_or(0);
     Ok((report, b3 * 100 / LC_SHORT))
@@ -930,11 +927,7 @@ fn add_native_veth() -> Result<()> {
 fn wait_xdp(interface: &str, want: bool, limit: Duration) -> Result<bool> {
     let deadline = Instant::now() + limit;
     loop {
-        let link = util::run(&mut topology::exec_in(
-            topology::LB_NS,
-            &["ip", "-j", "link", "show", "dev", interface],
-        ))?;
-        let has = link.contains("\"xdp\"");
+        let has = topology::has_xdp(topology::LB_NS, interface)?;
         if has == want || Instant::now() >= deadline {
             return Ok(has);
         }
