@@ -582,30 +582,33 @@ impl BenchObject {
     /// holds as many.
     fn load(flow_table_size: u32) -> Result<BenchObject> {
         let buckets = buckets_for(flow_table_size);
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .map_max_entries(bench::FLOWS, buckets)
             .override_global(bench::FLOW_BUCKETS, &buckets, true)
             .map_max_entries(bench::LRU, flow_table_size)
             .load(BENCH_OBJECT)
             .context("loading the lb-bench object")?;
+        let mut object = BenchObject { ebpf };
         for name in bench::PROGRAMS {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} is missing from the lb-bench object"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not XDP"))?;
-            program
+            object
+                .xdp(name)?
                 .load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
-        Ok(BenchObject { ebpf })
+        Ok(object)
+    }
+
+    /// Program `name` of the object, as XDP.
+    fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} is missing from the lb-bench object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not XDP"))
     }
 
     fn program(&mut self, name: &str) -> &mut Xdp {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("checked at load")
+        self.xdp(name).expect("checked at load")
     }
 
     fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -644,28 +647,23 @@ fn fwd(
     // As the program loads them from the packet: network order in memory.
     let addr = u32::from_ne_bytes(vip.ip().octets());
     let port = u16::from_ne_bytes(vip.port().to_be_bytes());
-    let mut ebpf = EbpfLoader::new()
-        .override_global(bench::FWD_N, &n, true)
-        .override_global(bench::FWD_ADDR, &addr, true)
-        .override_global(bench::FWD_PORT, &port, true)
-        .load(BENCH_OBJECT)
-        .context("loading the lb-bench object")?;
-    let mut macs: Array<MapData, [u8; 12]> = Array::try_from(
-        ebpf.take_map(bench::FWD_MACS)
-            .ok_or_else(|| anyhow!("map {} is missing", bench::FWD_MACS))?,
-    )
-    .with_context(|| format!("map {}", bench::FWD_MACS))?;
+    // Only this program is loaded (verified).
+    let mut object = BenchObject {
+        ebpf: EbpfLoader::new()
+            .override_global(bench::FWD_N, &n, true)
+            .override_global(bench::FWD_ADDR, &addr, true)
+            .override_global(bench::FWD_PORT, &port, true)
+            .load(BENCH_OBJECT)
+            .context("loading the lb-bench object")?,
+    };
+    let mut macs: Array<MapData, [u8; 12]> = object.take_map(bench::FWD_MACS)?;
     for (i, dst) in (0..).zip(backend_macs) {
         let mut pair = [0u8; 12];
         pair[..6].copy_from_slice(&dst.0);
         pair[6..].copy_from_slice(&src_mac.0);
         macs.set(i, pair, 0).context("writing the backends' MACs")?;
     }
-    let program: &mut Xdp = ebpf
-        .program_mut(bench::FWD)
-        .ok_or_else(|| anyhow!("program {} is missing", bench::FWD))?
-        .try_into()
-        .with_context(|| format!("program {} is not XDP", bench::FWD))?;
+    let program = object.xdp(bench::FWD)?;
     program
         .load()
         .with_context(|| format!("verifying {}", bench::FWD))?;
